@@ -1,0 +1,13 @@
+"""LCNN layers: centered softplus, gamma-Lipschitz BatchNorm, operator spectral norm, the halves residual block."""
+from .centered_softplus import CenteredSoftplus, centered_softplus
+from .gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, batchnorm_lipschitz
+from .spectral_norm import (
+    ConvOperator,
+    LinearOperator,
+    OperatorSpectralNorm,
+    is_spectral_normalized,
+    operator_norm,
+    refresh_spectral_norms,
+    remove_spectral_norms,
+    spectral_norm,
+)

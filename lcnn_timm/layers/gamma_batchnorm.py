@@ -1,0 +1,106 @@
+"""gamma-Lipschitz BatchNorm: BatchNorm whose Lipschitz constant is clipped to a learnable gamma.
+
+Definition implemented (paper and reference code agree once ``||BN||`` is read as
+the operator norm of the eval-mode BN map):
+
+    gamma_bn(x) = bn(x) * min(1, gamma / L),   L = max_c |w_c| / sqrt(running_var_c + eps)
+
+``w`` is the affine weight (1 when ``affine=False``, as in the reference code); the
+bias does not change the Lipschitz constant. ``L`` is computed from the running
+statistics in train mode too (as the reference does), so the bound is exact in
+eval mode only: during training BN normalises by the batch variance.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.fx
+from timm.layers import register_notrace_module
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["GammaBatchNorm1d", "GammaBatchNorm2d", "batchnorm_lipschitz"]
+
+
+def _lipschitz(running_var: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight.abs()
+    return scale.max()
+
+
+def batchnorm_lipschitz(bn: _BatchNorm) -> torch.Tensor:
+    """Lipschitz constant of an eval-mode BatchNorm: ``max_c |w_c| / sqrt(var_c + eps)``."""
+    if bn.running_var is None:
+        raise ValueError(f"{type(bn).__name__} tracks no running statistics; its eval Lipschitz constant is undefined")
+    return _lipschitz(bn.running_var, bn.weight, bn.eps)
+
+
+@torch.fx.wrap
+def _gamma_clip(log_gamma: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor], eps: float):
+    """``min(1, gamma / L)``; an fx leaf so that traced graphs read the live running statistics."""
+    return torch.clamp(log_gamma.exp() / _lipschitz(running_var, weight, eps), max=1.0)
+
+
+class _GammaBatchNorm(_BatchNorm):
+    """Shared implementation; subclasses fix the accepted input ranks."""
+
+    _valid_ranks: tuple = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        gamma: float = 10.0,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+            raise ValueError(f"{type(self).__name__}: gamma must be a finite number > 0, got {gamma!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
+        self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma), dtype=torch.float32, device=device))
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """Current gamma (the Lipschitz cap) as a 0-dim tensor."""
+        return self.log_gamma.exp()
+
+    def lipschitz_constant(self) -> torch.Tensor:
+        """Lipschitz constant of this layer in eval mode: ``min(gamma, L_bn)``."""
+        return torch.minimum(self.gamma, batchnorm_lipschitz(self))
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if isinstance(input, torch.fx.Proxy):  # shapes are unknown while tracing
+            return
+        if input.dim() not in self._valid_ranks:
+            raise ValueError(
+                f"{type(self).__name__} expects a {' or '.join(f'{r}D' for r in self._valid_ranks)} input "
+                f"(batch, channels, ...), got shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got {input.shape[1]} channels (input shape {tuple(input.shape)})"
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input)
+        return out * _gamma_clip(self.log_gamma, self.running_var, self.weight, self.eps).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gamma={self.gamma.item():.4g}"
+
+
+@register_notrace_module
+class GammaBatchNorm1d(_GammaBatchNorm):
+    """gamma-Lipschitz BatchNorm for (N, C) or (N, C, L) inputs."""
+
+    _valid_ranks = (2, 3)
+
+
+@register_notrace_module
+class GammaBatchNorm2d(_GammaBatchNorm):
+    """gamma-Lipschitz BatchNorm for (N, C, H, W) inputs."""
+
+    _valid_ranks = (4,)

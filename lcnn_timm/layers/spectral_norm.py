@@ -1,0 +1,300 @@
+"""Spectral normalisation by the norm of the *true* linear operator of a layer.
+
+``torch.nn.utils.spectral_norm`` normalises a convolution by the largest singular
+value of its kernel reshaped to a matrix, which under-estimates the operator's
+norm. Here the power iteration runs on the operator itself: ``conv2d`` for the
+map and ``conv_transpose2d`` for its adjoint, on a feature map of the layer's
+real input size, with the layer's stride, padding (including timm's dynamic
+"same" padding), dilation and groups.
+
+The normalisation is a ``torch.nn.utils.parametrize`` parametrization of
+``weight``, so it works on any module that feeds ``self.weight`` to
+``F.conv2d``/``F.linear`` and survives ``state_dict``, ``copy.deepcopy`` and
+``torch.fx`` tracing (parametrized torch convs stay fx leaves). In training mode
+each forward runs ``n_power_iterations`` steps; in eval mode none are run and
+sigma is the Rayleigh quotient of the stored singular vectors for the current
+weight (one operator application).
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "ConvOperator",
+    "LinearOperator",
+    "OperatorSpectralNorm",
+    "spectral_norm",
+    "is_spectral_normalized",
+    "operator_norm",
+    "refresh_spectral_norms",
+    "remove_spectral_norms",
+]
+
+
+@dataclass(frozen=True)
+class ConvOperator:
+    """Geometry of a 2d convolution seen as a linear map ``R^(C_in x H x W) -> R^(C_out x H' x W')``.
+
+    ``padding`` is explicit and possibly asymmetric: (left, right, top, bottom).
+    """
+
+    in_channels: int
+    input_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int, int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return (1, self.in_channels, *self.input_size)
+
+    def output_shape(self, weight: torch.Tensor) -> Tuple[int, ...]:
+        left, right, top, bottom = self.padding
+        padded = (self.input_size[0] + top + bottom, self.input_size[1] + left + right)
+        out = [
+            (padded[i] - self.dilation[i] * (weight.shape[2 + i] - 1) - 1) // self.stride[i] + 1 for i in range(2)
+        ]
+        if min(out) < 1:
+            raise ValueError(
+                f"convolution with kernel {tuple(weight.shape[2:])} gives an empty output on input size {self.input_size}"
+            )
+        return (1, weight.shape[0], *out)
+
+    def apply(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(v, self.padding), weight, None, self.stride, 0, self.dilation, self.groups)
+
+    def adjoint(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        left, right, top, bottom = self.padding
+        padded = (self.input_size[0] + top + bottom, self.input_size[1] + left + right)
+        # output_padding restores the rows/cols that the strided forward map never reads
+        output_padding = tuple(
+            padded[i] - ((u.shape[2 + i] - 1) * self.stride[i] + self.dilation[i] * (weight.shape[2 + i] - 1) + 1)
+            for i in range(2)
+        )
+        full = F.conv_transpose2d(u, weight, None, self.stride, 0, output_padding, self.groups, self.dilation)
+        return full[:, :, top : top + self.input_size[0], left : left + self.input_size[1]]
+
+
+@dataclass(frozen=True)
+class LinearOperator:
+    """A dense ``y = W x`` map (bias excluded: it does not change the Lipschitz constant)."""
+
+    in_features: int
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return (1, self.in_features)
+
+    def output_shape(self, weight: torch.Tensor) -> Tuple[int, ...]:
+        return (1, weight.shape[0])
+
+    def apply(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(v, weight)
+
+    def adjoint(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return u @ weight
+
+
+Operator = Union[ConvOperator, LinearOperator]
+
+
+def _pair(value) -> Tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _conv_padding(conv: nn.Conv2d, input_size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """Explicit (left, right, top, bottom) zero padding that ``conv`` applies to an input of ``input_size``."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    kernel, stride, dilation = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation)
+    if isinstance(conv, Conv2dSame):  # timm's TF-style "same": computed from the input size at every call
+        pad_h, pad_w = (get_same_padding(input_size[i], kernel[i], stride[i], dilation[i]) for i in range(2))
+        return (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":  # torch's "same" (stride 1): extra padding goes right/bottom
+        total_h, total_w = (dilation[i] * (kernel[i] - 1) for i in range(2))
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    pad_h, pad_w = _pair(conv.padding)
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+def operator_for(module: nn.Module, input_size: Optional[Sequence[int]] = None) -> Operator:
+    """The linear operator of a conv2d (needs the spatial ``input_size``) or linear layer."""
+    if isinstance(module, nn.Linear):
+        return LinearOperator(module.in_features)
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"{type(module).__name__} uses padding_mode={module.padding_mode!r}; only zero padding has a "
+                "conv_transpose2d adjoint"
+            )
+        if input_size is None or len(input_size) != 2:
+            raise ValueError(
+                f"spectral norm of {type(module).__name__} needs its spatial input_size (H, W), got {input_size!r}"
+            )
+        size = (int(input_size[0]), int(input_size[1]))
+        return ConvOperator(
+            module.in_channels,
+            size,
+            _pair(module.stride),
+            _conv_padding(module, size),
+            _pair(module.dilation),
+            module.groups,
+        )
+    raise TypeError(f"no operator spectral norm for {type(module).__name__}: expected nn.Conv2d or nn.Linear")
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+class OperatorSpectralNorm(nn.Module):
+    """Parametrization ``weight -> weight / sigma(weight)`` with sigma the operator's spectral norm.
+
+    Args:
+        weight: the weight to be parametrized (sets the buffers' dtype and device).
+        operator: the layer's operator geometry.
+        n_power_iterations: power-iteration steps per training-mode forward.
+        init_iterations: steps run once, at registration.
+        eps: guards the normalisation of the singular vectors.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        operator: Operator,
+        n_power_iterations: int = 1,
+        init_iterations: int = 30,
+        eps: float = 1e-12,
+    ):
+        super().__init__()
+        if n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+        self.operator = operator
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+        w = weight.detach()
+        kwargs = dict(device=w.device, dtype=w.dtype)
+        self.register_buffer("_v", _normalize(torch.randn(operator.input_shape, **kwargs), eps))
+        self.register_buffer("_u", _normalize(torch.randn(operator.output_shape(w), **kwargs), eps))
+        self.power_iteration(w, init_iterations)
+
+    @torch.no_grad()
+    def power_iteration(self, weight: torch.Tensor, iterations: int) -> None:
+        """Run ``iterations`` power-iteration steps in place on the stored singular vectors."""
+        with torch.autocast(weight.device.type, enabled=False):
+            weight = weight.detach().to(self._v.dtype)
+            for _ in range(iterations):
+                self._v.copy_(_normalize(self.operator.adjoint(self._u, weight), self.eps))
+                self._u.copy_(_normalize(self.operator.apply(self._v, weight), self.eps))
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """Rayleigh estimate ``<u, A v>`` of the operator norm; differentiable in ``weight``."""
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.sum(self._u * self.operator.apply(self._v, weight.to(self._v.dtype)))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.power_iteration(weight, self.n_power_iterations)
+        sigma = self.sigma(weight)
+        return weight / sigma.clamp_min(self.eps).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.operator}, n_power_iterations={self.n_power_iterations}"
+
+
+def _check_input(module: nn.Module, args) -> None:
+    """Forward pre-hook: refuse inputs that do not match the operator the norm was computed for."""
+    (x,) = args[:1]
+    operator = module.parametrizations.weight[0].operator
+    if isinstance(operator, ConvOperator):
+        if x.dim() != 4 or x.shape[1] != operator.in_channels:
+            raise ValueError(
+                f"{type(module).__name__} expects (N, {operator.in_channels}, H, W) input, got shape {tuple(x.shape)}"
+            )
+        if module.training and tuple(x.shape[-2:]) != operator.input_size:
+            raise ValueError(
+                f"{type(module).__name__} was spectrally normalised for input size {operator.input_size} but got "
+                f"{tuple(x.shape[-2:])} in training mode. Rebuild the model for the new size (e.g. "
+                f"img_size=...) or call lcnn_timm.layers.spectral_norm(module, input_size=..., replace=True)."
+            )
+    elif x.shape[-1] != operator.in_features:
+        raise ValueError(f"{type(module).__name__} expects {operator.in_features} input features, got shape {tuple(x.shape)}")
+
+
+def is_spectral_normalized(module: nn.Module) -> bool:
+    """True if ``module.weight`` is parametrized by :class:`OperatorSpectralNorm`."""
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, OperatorSpectralNorm) for p in module.parametrizations.weight
+    )
+
+
+def spectral_norm(
+    module: nn.Module,
+    input_size: Optional[Sequence[int]] = None,
+    n_power_iterations: int = 1,
+    init_iterations: int = 30,
+    replace: bool = False,
+) -> nn.Module:
+    """Normalise ``module`` (``nn.Conv2d`` or ``nn.Linear``) by its operator norm, in place.
+
+    Args:
+        module: the layer; its forward must read ``self.weight``.
+        input_size: spatial (H, W) of the conv's input; unused for linear layers.
+        n_power_iterations: power-iteration steps per training forward.
+        init_iterations: steps run now, so the estimate is usable before training.
+        replace: re-register (e.g. for a new input size) if already normalised.
+
+    Returns:
+        The same module.
+    """
+    if is_spectral_normalized(module):
+        if not replace:
+            raise ValueError(f"{type(module).__name__} is already spectrally normalised (pass replace=True)")
+        remove_spectral_norms(module)
+    operator = operator_for(module, input_size)
+    parametrize.register_parametrization(
+        module, "weight", OperatorSpectralNorm(module.weight, operator, n_power_iterations, init_iterations)
+    )
+    module.register_forward_pre_hook(_check_input)
+    return module
+
+
+def remove_spectral_norms(model: nn.Module) -> nn.Module:
+    """Bake ``W / sigma`` into plain weights everywhere (for export / fast inference), in place."""
+    for module in model.modules():
+        if is_spectral_normalized(module):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is _check_input:
+                    del module._forward_pre_hooks[key]
+    return model
+
+
+def refresh_spectral_norms(model: nn.Module, iterations: int = 30) -> int:
+    """Run ``iterations`` power-iteration steps in every normalised layer (e.g. after re-initialising weights).
+
+    Returns the number of layers refreshed.
+    """
+    count = 0
+    for module in model.modules():
+        if is_spectral_normalized(module):
+            norm = module.parametrizations.weight[0]
+            norm.power_iteration(module.parametrizations.weight.original, iterations)
+            count += 1
+    return count
+
+
+def operator_norm(module: nn.Module) -> torch.Tensor:
+    """Current estimate of the spectral norm of the *raw* (un-normalised) weight's operator."""
+    if not is_spectral_normalized(module):
+        raise ValueError(f"{type(module).__name__} is not spectrally normalised")
+    return module.parametrizations.weight[0].sigma(module.parametrizations.weight.original).detach()
