@@ -1,0 +1,9 @@
+"""lcnn-timm: Low-Curvature Neural Networks for timm.
+
+``import lcnn_timm`` registers the LCNN models in timm's registry.
+"""
+from . import layers
+from .curvature import curvature_penalty, curvature_upper_bound
+from .layers import CenteredSoftplus, GammaBatchNorm1d, GammaBatchNorm2d, HalvesResidual, spectral_norm
+
+__version__ = "0.1.0"

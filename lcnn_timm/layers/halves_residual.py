@@ -1,0 +1,34 @@
+"""The reference LCNN residual block ("halves" block).
+
+``x + F(x)`` has Lipschitz constant ``1 + Lip(F)``, which compounds over depth.
+The reference ResNets instead duplicate the input into two halves scaled by
+``1/sqrt(2)`` (an isometry), map one half with the residual branch and the
+other with the shortcut, and average them:
+
+    block(x) = act( (F(x / sqrt 2) + S(x / sqrt 2)) / 2 )
+
+so ``Lip(block) <= Lip(act) * max(Lip F, Lip S) / sqrt(2)`` and every step is a
+layer of the chain in the paper's Theorem 1. The duplicated tensor is never
+materialised: the two halves are computed from the same scaled input.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["HalvesResidual"]
+
+
+class HalvesResidual(nn.Module):
+    """``act((residual(x / sqrt 2) + shortcut(x / sqrt 2)) / 2)``; ``shortcut=None`` is the identity."""
+
+    def __init__(self, residual: nn.Module, shortcut: Optional[nn.Module] = None, act: Optional[nn.Module] = None):
+        super().__init__()
+        self.residual = residual
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * (1.0 / math.sqrt(2.0))
+        return self.act((self.residual(x) + self.shortcut(x)) * 0.5)
