@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcnn_timm.layers import CenteredSoftplus
+from lcnn_timm.layers.centered_softplus import _CenteredSoftplusFn
+
+
+def reference(x: torch.Tensor, beta: float) -> torch.Tensor:
+    x = x.double()
+    return (F.softplus(x * beta) - math.log(2.0)) / beta
+
+
+def test_zero_maps_to_zero_exactly_and_under_composition():
+    act = CenteredSoftplus(beta=3.7)
+    x = torch.zeros(5, 7)
+    y = x
+    for _ in range(10):
+        y = act(y)
+    assert torch.equal(act(x), x)
+    assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.1, 1.0, 5.0, 100.0])
+def test_matches_float64_reference(beta):
+    x = torch.linspace(-40, 40, 20001)
+    out = CenteredSoftplus(beta)(x).double()
+    ref = reference(x, beta)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-7 / min(beta, 1.0))
+
+
+def test_normalized_curvature_never_exceeds_beta():
+    beta = 4.0
+    act = CenteredSoftplus(beta).double()
+    x = torch.linspace(-20, 20, 40001, dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(act(x).sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    ratio = d2.abs() / d1.abs()
+    beta = act.beta.item()  # log-parametrised in float32: not exactly 4
+    assert ratio.max() <= beta * (1 + 1e-12)
+    assert ratio.max() > 0.99 * beta  # the bound is tight far left
+
+
+def test_small_beta_tends_to_half_identity():
+    x = torch.linspace(-50, 50, 1001)
+    out = CenteredSoftplus(beta=1e-7)(x)
+    assert torch.allclose(out, x / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_large_beta_is_relu_within_log2_over_beta():
+    beta = 200.0
+    x = torch.linspace(-5, 5, 10001)
+    gap = (CenteredSoftplus(beta)(x) - torch.relu(x)).abs()
+    assert gap.max() <= math.log(2.0) / beta + 1e-6
+
+
+def test_extreme_inputs_are_finite():
+    with torch.no_grad():
+        out = CenteredSoftplus(50.0)(torch.tensor([-1e30, -1e4, 1e4, 1e30]))
+    assert torch.isfinite(out).all()
+    assert out[2].item() == pytest.approx(1e4 - math.log(2) / 50, rel=1e-6)
+    assert out[0].item() == pytest.approx(-math.log(2) / 50, rel=1e-5)
+
+
+def test_fused_gradients_match_finite_differences():
+    x = (torch.randn(3, 4, dtype=torch.float64) * 2).requires_grad_()
+    log_beta = torch.tensor(math.log(2.5), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_CenteredSoftplusFn.apply, (x, log_beta))
+
+
+def test_bf16_follows_fp32():
+    x = torch.randn(2, 8, 5, 5)
+    act = CenteredSoftplus(5.0)
+    out = act(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), act(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf"), "5"])
+def test_rejects_invalid_beta(beta):
+    with pytest.raises(ValueError, match="beta"):
+        CenteredSoftplus(beta)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from lcnn_timm.layers import GammaBatchNorm1d, GammaBatchNorm2d
+
+
+def dense_lipschitz(layer, shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(layer, x).reshape(x.numel(), x.numel())
+    return torch.linalg.matrix_norm(jac, 2).item()
+
+
+def make(cls, num_features, gamma, affine):
+    layer = cls(num_features, gamma=gamma, affine=affine).double()
+    layer.running_var.uniform_(0.05, 2.0)
+    layer.running_mean.normal_()
+    if affine:
+        layer.weight.data.uniform_(-2, 2)
+        layer.bias.data.normal_()
+    return layer.eval()
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("cls,shape", [(GammaBatchNorm2d, (1, 3, 2, 2)), (GammaBatchNorm1d, (1, 3))])
+def test_lipschitz_is_clipped_to_gamma(cls, shape, affine):
+    layer = make(cls, 3, gamma=0.5, affine=affine)
+    lip = dense_lipschitz(layer, shape)
+    assert lip <= 0.5 + 1e-9
+    assert lip == pytest.approx(layer.lipschitz_constant().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_large_gamma_equals_unclipped_batchnorm(affine):
+    layer = make(GammaBatchNorm2d, 3, gamma=1e6, affine=affine)
+    plain = torch.nn.BatchNorm2d(3, affine=affine).double().eval()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert torch.equal(layer(x), plain(x))
+    assert dense_lipschitz(layer, (1, 3, 2, 2)) == pytest.approx(dense_lipschitz(plain, (1, 3, 2, 2)), rel=1e-9)
+
+
+def test_gamma_receives_gradient_when_clipping():
+    layer = make(GammaBatchNorm2d, 3, gamma=0.1, affine=False).float().train()
+    layer(torch.randn(4, 3, 2, 2)).square().sum().backward()
+    assert layer.log_gamma.grad is not None and layer.log_gamma.grad.abs() > 0
+
+
+def test_bad_input_rank_and_channels():
+    layer = GammaBatchNorm2d(4)
+    with pytest.raises(ValueError, match="4D input"):
+        layer(torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="got 5 channels"):
+        layer(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        GammaBatchNorm1d(4)(torch.randn(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("gamma", [0.0, -2.0, float("nan")])
+def test_rejects_invalid_gamma(gamma):
+    with pytest.raises(ValueError, match="gamma"):
+        GammaBatchNorm2d(3, gamma=gamma)

@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+from timm.layers import Conv2dSame
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, operator_norm, remove_spectral_norms, spectral_norm
+
+
+def dense_operator_norm(layer, input_shape):
+    x = torch.zeros(input_shape, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v), x)
+    return torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), 2).item()
+
+
+CONV_CASES = {
+    "stride1": (dict(kernel_size=3, padding=1), (8, 8)),
+    "stride2": (dict(kernel_size=3, stride=2, padding=1), (8, 8)),
+    "stride2_even_input_odd_kernel_no_pad": (dict(kernel_size=3, stride=2), (9, 8)),
+    "dilation2": (dict(kernel_size=3, dilation=2, padding=2), (7, 9)),
+    "depthwise": (dict(kernel_size=3, padding=1, groups=4), (6, 6)),
+    "grouped_1x1": (dict(kernel_size=1, groups=2), (5, 7)),
+    "padding0_nonsquare": (dict(kernel_size=(3, 2), padding=0), (6, 5)),
+    "padding_same": (dict(kernel_size=4, padding="same"), (6, 7)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_operator_norm_matches_dense_jacobian_svd(case):
+    torch.manual_seed(0)
+    kwargs, size = CONV_CASES[case]
+    in_ch = 4
+    out_ch = 8 if kwargs.get("groups", 1) != 4 else 4
+    conv = nn.Conv2d(in_ch, out_ch, bias=False, **kwargs).double()
+    expected = dense_operator_norm(conv, (1, in_ch, *size))
+    spectral_norm(conv, size, init_iterations=1000)
+    assert operator_norm(conv).item() == pytest.approx(expected, rel=1e-3)
+    assert dense_operator_norm(conv, (1, in_ch, *size)) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_timm_conv2d_same_uses_its_dynamic_padding():
+    torch.manual_seed(0)
+    conv = Conv2dSame(3, 5, kernel_size=3, stride=2, bias=False).double()
+    expected = dense_operator_norm(conv, (1, 3, 8, 7))
+    spectral_norm(conv, (8, 7), init_iterations=1000)
+    assert operator_norm(conv).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_linear_operator_norm_matches_svd():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7).double()
+    expected = torch.linalg.matrix_norm(lin.weight.detach(), 2).item()
+    spectral_norm(lin, init_iterations=500)
+    assert operator_norm(lin).item() == pytest.approx(expected, rel=1e-6)
+    assert torch.linalg.matrix_norm(lin.weight.detach(), 2).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_true_operator_norm_exceeds_reshaped_kernel_norm():
+    """The point of operator normalisation: torch's reshaped-kernel norm under-estimates."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    reshaped = torch.linalg.matrix_norm(conv.weight.detach().reshape(8, -1), 2).item()
+    spectral_norm(conv, (8, 8), init_iterations=300)
+    assert operator_norm(conv).item() > 1.1 * reshaped
+
+
+def small_model():
+    torch.manual_seed(0)
+    conv = spectral_norm(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), (8, 8))
+    head = spectral_norm(nn.Linear(8 * 4 * 4, 5))
+    return nn.Sequential(conv, GammaBatchNorm2d(8), CenteredSoftplus(), nn.Flatten(), head)
+
+
+def trained_small_model():
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_eval_mode_runs_no_power_iteration():
+    model = trained_small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(2, 3, 8, 8))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_mode_updates_singular_vectors():
+    model = small_model().train()
+    u = model[0].parametrizations.weight[0]._u.clone()
+    model[0].weight.data  # noqa: B018 - property access alone must not iterate
+    model(torch.randn(2, 3, 8, 8))
+    assert not torch.equal(u, model[0].parametrizations.weight[0]._u)
+
+
+def test_deepcopy_fx_and_ema_preserve_outputs():
+    model = trained_small_model()
+    x = torch.randn(3, 3, 8, 8)
+    expected = model(x)
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+    assert torch.equal(torch.fx.symbolic_trace(model)(x), expected)
+    ema = ModelEmaV3(model, decay=0.5)
+    ema.update(model)
+    assert torch.allclose(ema.module.eval()(x), expected, atol=1e-6)
+
+
+def test_remove_spectral_norms_bakes_identical_function():
+    model = trained_small_model()
+    x = torch.randn(3, 3, 8, 8)
+    expected = model(x)
+    frozen = remove_spectral_norms(copy.deepcopy(model))
+    assert type(frozen[0]) is nn.Conv2d
+    assert torch.allclose(frozen(x), expected, atol=1e-6)
+
+
+def test_wrong_spatial_size_in_training_is_a_clear_error():
+    model = small_model().train()
+    with pytest.raises(ValueError, match=r"spectrally normalised for input size \(8, 8\)"):
+        model(torch.randn(2, 3, 10, 10))
+    with pytest.raises(ValueError, match=r"expects \(N, 3, H, W\)"):
+        model(torch.randn(2, 4, 8, 8))
+
+
+def test_conv_needs_input_size_and_zero_padding():
+    with pytest.raises(ValueError, match="input_size"):
+        spectral_norm(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="padding_mode"):
+        spectral_norm(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), (8, 8))
+    with pytest.raises(TypeError, match="Conv1d"):
+        spectral_norm(nn.Conv1d(3, 3, 3), (8,))
