@@ -1,0 +1,34 @@
+"""Tiny models for the training tests, built from lcnn_timm.layers (no registry needed)."""
+import torch
+from torch import nn
+
+from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual, spectral_norm
+
+
+def tiny_lcnn(in_chans: int = 1, num_classes: int = 3, img_size: int = 8, width: int = 4) -> nn.Module:
+    """conv-gammaBN-softplus stem, one halves residual block, pool, linear; all convs/linear spectrally normalised."""
+    torch.manual_seed(0)
+
+    def conv_bn(cin, cout):
+        conv = spectral_norm(nn.Conv2d(cin, cout, 3, padding=1, bias=False), input_size=(img_size, img_size))
+        return nn.Sequential(conv, GammaBatchNorm2d(cout, gamma=2.0))
+
+    block = HalvesResidual(
+        nn.Sequential(conv_bn(width, width), CenteredSoftplus(3.0), conv_bn(width, width)),
+        act=CenteredSoftplus(4.0),
+    )
+    return nn.Sequential(
+        conv_bn(in_chans, width), CenteredSoftplus(5.0), block,
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), spectral_norm(nn.Linear(width, num_classes)),
+    )
+
+
+def tiny_standard(in_chans: int = 1, num_classes: int = 3, width: int = 4) -> nn.Module:
+    """Plain conv-BN-softplus(beta=1000) net: the Standard baseline's ingredients."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width, affine=False),
+        nn.Softplus(beta=1000.0), nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width, affine=False), nn.Softplus(beta=1000.0),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
+    )
