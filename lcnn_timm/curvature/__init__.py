@@ -1,3 +1,12 @@
 """Curvature penalty (training), upper bound (theory) and measurement."""
 from .bound import LayerBound, UnsupportedStructureError, curvature_upper_bound, layer_bound
 from .penalty import CurvaturePenalty, curvature_penalty, lcnn_parameters
+from .estimator import (
+    CurvatureEstimate,
+    CurvatureNotMeaningfulWarning,
+    curvature_statistics,
+    estimate_curvature,
+    gradient_stability,
+    gradient_stability_statistics,
+    piecewise_linear_modules,
+)
