@@ -1,0 +1,196 @@
+"""Model cards: generated from ``hub_cards/TEMPLATE.md``, a repository's ``config.json`` and its ``results.json``.
+
+Cards are never edited by hand. ``render_card_for_folder`` builds the README of one repository folder,
+``regenerate_cards`` rewrites every ``hub_cards/<name>/README.md``.
+
+``results.json`` as read here (schema_version 1, written by ``lcnn-timm evaluate``)::
+
+    {"schema_version": 1, "model": ..., "dataset": {"name": "fashion_mnist", "split": "test"},
+     "metrics": {
+       "accuracy": {"value": 91.2, "count": 10000},                       # percent
+       "curvature": {"count": 1000, "iterations": 10, "eps": 1e-6,
+                     "curvature": {"mean": .., "std": ..}, "gradient_norm": {...}, "hessian_norm": {...}},
+       "pgd": [{"norm": "l2", "eps": 0.05, "steps": 10, "step_size": 0.0125, "restarts": 1,
+                "accuracy": 80.1, "count": 10000}, ...]}}
+
+Every metric is optional; each one present becomes a model-index entry and a table row with its protocol.
+"""
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+__all__ = ['Metric', 'metrics_from_results', 'render_card', 'render_card_for_folder', 'regenerate_cards',
+           'CARD_META_KEY', 'TEMPLATE_PATH', 'SUPPORTED_RESULTS_VERSIONS']
+
+# config.json entry (ignored by timm's loader) holding what the card needs beyond timm's own fields
+CARD_META_KEY = 'lcnn_timm'
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / 'hub_cards' / 'TEMPLATE.md'
+SUPPORTED_RESULTS_VERSIONS = (1,)
+
+# results.json dataset name -> (Hub dataset id for the card's `datasets:` field, display name)
+_DATASETS = {
+    'cifar100': ('uoft-cs/cifar100', 'CIFAR-100'),
+    'cifar10': ('uoft-cs/cifar10', 'CIFAR-10'),
+    'fashion_mnist': ('zalando-datasets/fashion_mnist', 'Fashion-MNIST'),
+    'svhn': ('ufldl-stanford/svhn', 'SVHN'),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured number: its model-index ``type``, the row label, the value, a spread, and how it was measured."""
+    type: str
+    name: str
+    value: float
+    protocol: str
+    std: Optional[float] = None
+    fmt: str = '.2f'
+
+    def formatted(self) -> str:
+        text = format(self.value, self.fmt)
+        return text if self.std is None else f'{text} ± {format(self.std, self.fmt)}'
+
+
+def _dataset(results: Dict[str, Any]) -> Dict[str, str]:
+    ds = results.get('dataset') or {}
+    ds = {'name': ds} if isinstance(ds, str) else dict(ds)
+    hub_id, display = _DATASETS.get(ds.get('name', ''), (ds.get('name', 'unknown'), ds.get('name', 'unknown')))
+    return {'name': ds.get('name', 'unknown'), 'split': ds.get('split', 'test'), 'hub_id': hub_id, 'display': display}
+
+
+def metrics_from_results(results: Dict[str, Any]) -> List[Metric]:
+    """The card's metrics, in table order, from a parsed results.json (see the module docstring for its schema)."""
+    version = results.get('schema_version')
+    if version not in SUPPORTED_RESULTS_VERSIONS:
+        raise ValueError(f'results.json schema_version {version!r} is not supported '
+                         f'(supported: {", ".join(map(str, SUPPORTED_RESULTS_VERSIONS))}).')
+    ds = _dataset(results)
+    where = f'{ds["display"]} {ds["split"]}'
+    metrics = results.get('metrics') or {}
+    out: List[Metric] = []
+    acc = metrics.get('accuracy')
+    if acc:
+        out.append(Metric('accuracy', 'Clean top-1 accuracy (%)', acc['value'], f'{where}, {acc["count"]} images'))
+    curv = metrics.get('curvature')
+    if curv:
+        protocol = (f'{where}, {curv["count"]} images, {curv["iterations"]} Hessian-vector power iterations, '
+                    f'f = cross-entropy at the true label, pixels in [0, 1], eps = {curv["eps"]:g}; mean ± std over images')
+        for key, mtype, name in (
+                ('curvature', 'normalized_curvature', 'E C_f (normalized curvature)'),
+                ('gradient_norm', 'input_gradient_norm', 'E ‖∇f‖₂'),
+                ('hessian_norm', 'input_hessian_norm', 'E ‖∇²f‖₂')):
+            if key in curv:
+                out.append(Metric(mtype, name, curv[key]['mean'], protocol, curv[key].get('std'), '.4g'))
+    for attack in metrics.get('pgd') or []:
+        norm = attack['norm'].upper()
+        protocol = (f'{where}, {attack["count"]} images, {norm} PGD, {attack["steps"]} steps of '
+                    f'{attack["step_size"]:g}, {attack.get("restarts", 1)} restart(s)')
+        out.append(Metric(f'pgd_{attack["norm"].lower()}_accuracy', f'{norm} PGD accuracy (%), ε = {attack["eps"]:g}',
+                          attack['accuracy'], protocol))
+    return out
+
+
+def _front_matter(model_name: str, metrics: List[Metric], ds: Dict[str, str], license: str) -> str:
+    meta: Dict[str, Any] = {
+        'library_name': 'timm',
+        'pipeline_tag': 'image-classification',
+        'license': license,
+        'tags': ['image-classification', 'timm', 'lcnn', 'robustness', 'low-curvature', 'lcnn-timm'],
+        'datasets': [ds['hub_id']],
+    }
+    if metrics:
+        meta['model-index'] = [{
+            'name': model_name,
+            'results': [{
+                'task': {'type': 'image-classification', 'name': 'Image Classification'},
+                'dataset': {'name': ds['display'], 'type': ds['hub_id'], 'split': ds['split']},
+                'metrics': [{'type': m.type, 'name': m.name, 'value': m.value} for m in metrics],
+            }],
+        }]
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
+
+
+def _results_table(metrics: List[Metric]) -> str:
+    if not metrics:
+        return 'No evaluation results were supplied with this checkpoint.'
+    rows = ['| Metric | Value | Protocol |', '|---|---|---|']
+    rows += [f'| {m.name} | {m.formatted()} | {m.protocol} |' for m in metrics]
+    return '\n'.join(rows)
+
+
+def render_card(
+        *,
+        repo_id: str,
+        architecture: str,
+        num_classes: int,
+        input_size: List[int],
+        results: Optional[Dict[str, Any]] = None,
+        train_config_text: Optional[str] = None,
+        train_config_name: Optional[str] = None,
+        license: str = 'apache-2.0',
+        template: Union[str, Path] = TEMPLATE_PATH,
+) -> str:
+    """The model card (README.md) text for one published model."""
+    results = results or {}
+    metrics = metrics_from_results(results) if results else []
+    ds = _dataset(results)
+    model_name = repo_id.split('/')[-1]
+    notes = results.get('notes')
+    if train_config_text is not None:
+        recipe = (f'Trained with `lcnn-timm train --config {train_config_name or "train.yaml"}` '
+                  f'(a copy is in this repository as `train.yaml`):\n\n```yaml\n{train_config_text.rstrip()}\n```')
+    else:
+        recipe = 'No training config was published with this checkpoint.'
+    fields = {
+        'front_matter': _front_matter(model_name, metrics, ds, license),
+        'title': f'{model_name}: a low-curvature `{architecture}`',
+        'summary': (f'A Low-Curvature Neural Network (LCNN) `{architecture}` image classifier trained on '
+                    f'{ds["display"]}, published with lcnn-timm in timm\'s format.'),
+        'architecture': architecture,
+        'num_classes': num_classes,
+        'input_size': 'x'.join(str(s) for s in input_size),
+        'dataset_name': ds['display'],
+        'repo_id': repo_id,
+        'results_table': _results_table(metrics),
+        'protocol_notes': f'Notes from the evaluation: {notes}' if notes else '',
+        'train_recipe': recipe,
+    }
+    return string.Template(Path(template).read_text(encoding='utf-8')).substitute(fields)
+
+
+def render_card_for_folder(folder: Union[str, Path], template: Union[str, Path] = TEMPLATE_PATH) -> str:
+    """The card for a repository folder holding ``config.json`` and optionally ``results.json`` / ``train.yaml``."""
+    folder = Path(folder)
+    config = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
+    meta = config.get(CARD_META_KEY) or {}
+    if 'repo_id' not in meta:
+        raise ValueError(f'{folder / "config.json"} has no "{CARD_META_KEY}.repo_id": write it with lcnn-timm push.')
+    results_path, train_path = folder / 'results.json', folder / 'train.yaml'
+    return render_card(
+        repo_id=meta['repo_id'],
+        architecture=config['architecture'],
+        num_classes=config['num_classes'],
+        input_size=config['pretrained_cfg']['input_size'],
+        results=json.loads(results_path.read_text(encoding='utf-8')) if results_path.is_file() else None,
+        train_config_text=train_path.read_text(encoding='utf-8') if train_path.is_file() else None,
+        train_config_name=meta.get('train_config'),
+        license=meta.get('license', 'apache-2.0'),
+        template=template,
+    )
+
+
+def regenerate_cards(root: Union[str, Path] = TEMPLATE_PATH.parent, template: Union[str, Path] = TEMPLATE_PATH) -> List[Path]:
+    """Rewrite ``README.md`` in every ``root/<name>/`` that holds a ``config.json``; return the cards written."""
+    written = []
+    for folder in sorted(p.parent for p in Path(root).glob('*/config.json')):
+        card = folder / 'README.md'
+        tmp = card.with_name('.README.md.tmp')
+        tmp.write_text(render_card_for_folder(folder, template), encoding='utf-8')
+        os.replace(tmp, card)
+        written.append(card)
+    return written

@@ -1,0 +1,311 @@
+"""Publishing to the Hub, fully offline: push --dry-run, loading through a hand-built Hugging Face cache,
+a mocked upload (the only thing mocked), clear errors for broken repositories, cards equal to results.json."""
+import json
+import re
+import shutil
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import yaml
+from safetensors.torch import save_file
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from lcnn_timm.curvature import curvature_penalty
+from lcnn_timm.hub import HubError, load_pretrained, regenerate_cards, verify_repo_folder
+from lcnn_timm.hub.cli import main as push_main
+from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, spectral_norm
+
+REPO_ID = 'lcnn-test/tiny-lcnn'
+LABELS = ['zero', 'one', 'two']
+FILES = ['README.md', 'config.json', 'model.safetensors', 'results.json', 'train.yaml']
+
+
+class TinyLCNN(nn.Module):
+    """SN conv -> gamma-BN -> centered softplus -> pool -> SN linear: the LCNN ingredients, tiny."""
+
+    def __init__(self, num_classes=3, in_chans=1, img_size=8, width=4, global_pool='avg'):
+        super().__init__()
+        self.num_classes, self.in_chans, self.num_features, self.global_pool = num_classes, in_chans, width, global_pool
+        self.conv = spectral_norm(nn.Conv2d(in_chans, width, 3, padding=1), input_size=to_2tuple(img_size))
+        self.bn = GammaBatchNorm2d(width)
+        self.act = CenteredSoftplus()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = spectral_norm(nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act(self.bn(self.conv(x)))).flatten(1))
+
+
+_CFG = dict(num_classes=3, input_size=(1, 8, 8), mean=(0.5,), std=(0.5,), first_conv='conv', classifier='fc',
+            label_names=LABELS)
+default_cfgs = generate_default_cfgs({
+    'hubtest_tiny_lcnn.hubtest': dict(hf_hub_id=REPO_ID, **_CFG),
+    'hubtest_tiny_lcnn_wide.hubtest': dict(**_CFG),
+})
+
+
+@register_model
+def hubtest_tiny_lcnn(pretrained=False, **kwargs):
+    return build_model_with_cfg(TinyLCNN, 'hubtest_tiny_lcnn', pretrained, **kwargs)
+
+
+@register_model
+def hubtest_tiny_lcnn_wide(pretrained=False, **kwargs):
+    return build_model_with_cfg(TinyLCNN, 'hubtest_tiny_lcnn_wide', pretrained, **dict(kwargs, width=6))
+
+
+def _results(acc=81.25, shift=0.0):
+    return {
+        'schema_version': 1, 'model': 'hubtest_tiny_lcnn', 'dataset': {'name': 'fashion_mnist', 'split': 'test'},
+        'metrics': {
+            'accuracy': {'value': acc, 'count': 64},
+            'curvature': {'count': 32, 'iterations': 10, 'eps': 1e-6,
+                          'curvature': {'mean': 3.2571 + shift, 'std': 1.125},
+                          'gradient_norm': {'mean': 0.4821, 'std': 0.0713},
+                          'hessian_norm': {'mean': 1.5702, 'std': 0.4419}},
+            'pgd': [{'norm': 'l2', 'eps': eps, 'steps': 10, 'step_size': eps / 4, 'restarts': 1,
+                     'accuracy': acc - 10 * i - shift, 'count': 64} for i, eps in enumerate((0.05, 0.1, 0.15, 0.2), 1)],
+        },
+    }
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny LCNN trained for a few steps, its safetensors checkpoint, and its `push --dry-run` folder."""
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp('hub')
+    model = timm.create_model('hubtest_tiny_lcnn', num_classes=3, in_chans=1)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y) + curvature_penalty(model).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    ckpt = tmp / 'last.safetensors'
+    save_file(model.state_dict(), ckpt)
+    (tmp / 'results.json').write_text(json.dumps(_results()))
+    (tmp / 'train.yaml').write_text('model: hubtest_tiny_lcnn\nnum_classes: 3\nin_chans: 1\nepochs: 1\nlr: 0.1\n')
+    out = tmp / 'repo'
+    rc = push_main([str(ckpt), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID, '--results',
+                    str(tmp / 'results.json'), '--config', str(tmp / 'train.yaml'), '--dry-run', '--out', str(out)])
+    assert rc == 0
+    return dict(tmp=tmp, ckpt=ckpt, x=x, expected=expected, repo=out)
+
+
+@pytest.fixture
+def offline_cache(trained, tmp_path, monkeypatch):
+    """The dry-run folder placed in a hand-built Hugging Face cache, with the Hub switched offline.
+
+    huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE into `constants` at import time, so the constants
+    themselves are patched (the environment too, for anything importing later).
+    """
+    sha = 'a' * 40
+    repo = tmp_path / 'hub' / f'models--{REPO_ID.replace("/", "--")}'
+    shutil.copytree(trained['repo'], repo / 'snapshots' / sha)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(sha)
+    for name, value in (('HF_HUB_OFFLINE', '1'), ('HF_HUB_CACHE', str(tmp_path / 'hub'))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    return repo / 'snapshots' / sha
+
+
+def _output(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_dry_run_writes_timm_layout(trained):
+    repo = trained['repo']
+    assert sorted(p.name for p in repo.iterdir()) == FILES
+    cfg = json.loads((repo / 'config.json').read_text())
+    assert cfg['architecture'] == 'hubtest_tiny_lcnn'
+    assert cfg['num_classes'] == 3 and cfg['label_names'] == LABELS
+    assert cfg['pretrained_cfg']['input_size'] == [1, 8, 8] and cfg['pretrained_cfg']['mean'] == [0.5]
+    assert 'hf_hub_id' not in cfg['pretrained_cfg']  # the source is where it is loaded from, not stored
+    assert cfg['lcnn_timm']['repo_id'] == REPO_ID
+    assert (repo / 'train.yaml').read_text() == (trained['tmp'] / 'train.yaml').read_text()
+
+
+@pytest.mark.parametrize('name', ['hf-hub:' + REPO_ID, 'hubtest_tiny_lcnn.hubtest'])
+def test_offline_hub_cache_loading_gives_identical_outputs(trained, offline_cache, name):
+    model = timm.create_model(name, pretrained=True)
+    assert torch.equal(_output(model, trained['x']), trained['expected'])
+    assert torch.equal(_output(load_pretrained(name), trained['x']), trained['expected'])
+    assert model.pretrained_cfg['label_names'] == LABELS
+
+
+def test_local_dir_loading_gives_identical_outputs(trained):
+    model = timm.create_model(f'local-dir:{trained["repo"]}', pretrained=True)
+    assert torch.equal(_output(model, trained['x']), trained['expected'])
+
+
+def test_card_usage_snippet_runs(trained, offline_cache):
+    card = (trained['repo'] / 'README.md').read_text()
+    snippet = re.search(r'```python\n(.*?)```', card, re.S).group(1)
+    assert f'timm.create_model("hf-hub:{REPO_ID}", pretrained=True)' in snippet
+    scope = {}
+    exec(snippet, scope)
+    assert torch.equal(scope['model'].fc.parametrizations.weight.original,
+                       load_pretrained(f'local-dir:{trained["repo"]}').fc.parametrizations.weight.original)
+
+
+class _Recorder:
+    """Stands in for the two network calls of an upload; records what huggingface_hub was handed."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        recorder = self
+
+        def create_repo(api, repo_id, **kwargs):
+            recorder.calls.append(('create_repo', repo_id, kwargs))
+            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def upload_folder(api, **kwargs):
+            files = sorted(p.name for p in __import__('pathlib').Path(kwargs['folder_path']).iterdir())
+            recorder.calls.append(('upload_folder', files, kwargs, api.token))
+            return 'commit-info'
+
+        monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+
+
+def _push_args(trained, *extra):
+    return [str(trained['ckpt']), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID,
+            '--results', str(trained['tmp'] / 'results.json'), '--config', str(trained['tmp'] / 'train.yaml'), *extra]
+
+
+def test_push_hands_exact_files_and_message_to_huggingface_hub(trained, monkeypatch):
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    rec = _Recorder(monkeypatch)
+    assert push_main(_push_args(trained, '--private', '--revision', 'v1', '--commit-message', 'Tiny LCNN v1')) == 0
+    (_, repo_id, repo_kwargs), (_, files, upload, token) = rec.calls
+    assert repo_id == REPO_ID and repo_kwargs == {'private': True, 'exist_ok': True}
+    assert files == FILES and token == 'hf_test_token'
+    assert upload['repo_id'] == REPO_ID and upload['revision'] == 'v1' and upload['commit_message'] == 'Tiny LCNN v1'
+
+
+def test_push_default_commit_message(trained, monkeypatch):
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    rec = _Recorder(monkeypatch)
+    assert push_main(_push_args(trained)) == 0
+    assert rec.calls[1][2]['commit_message'] == 'Upload hubtest_tiny_lcnn weights and model card with lcnn-timm'
+
+
+def test_no_token_fails_before_any_upload(trained, tmp_path, monkeypatch, capsys):
+    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
+    assert huggingface_hub.get_token() is None
+    rec = _Recorder(monkeypatch)
+    assert push_main(_push_args(trained, '--out', str(tmp_path / 'out'))) == 1
+    err = capsys.readouterr().err
+    assert 'hf auth login' in err and 'HF_TOKEN' in err
+    assert rec.calls == [] and not (tmp_path / 'out').exists()
+
+
+def _broken_copy(trained, tmp_path):
+    repo = tmp_path / 'repo'
+    shutil.copytree(trained['repo'], repo)
+    return repo
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage'])
+def test_corrupt_weights_give_clear_errors(trained, tmp_path, damage, capsys):
+    repo = _broken_copy(trained, tmp_path)
+    weights = repo / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == 'truncate' else b'\x00' * 64)
+    with pytest.raises(HubError, match='corrupt or truncated'):
+        load_pretrained(f'local-dir:{repo}')
+    # the same file given to push as a checkpoint
+    assert push_main([str(weights), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID,
+                      '--dry-run', '--out', str(tmp_path / 'out')]) == 1
+    assert 'not a readable safetensors file' in capsys.readouterr().err
+
+
+def test_unregistered_architecture_gives_clear_error(trained, tmp_path):
+    repo = _broken_copy(trained, tmp_path)
+    cfg = json.loads((repo / 'config.json').read_text())
+    cfg['architecture'] = 'lcnn_no_such_net'
+    (repo / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(HubError, match=r"'lcnn_no_such_net' is not registered.*import lcnn_timm"):
+        verify_repo_folder(repo)
+
+
+def test_checkpoint_of_another_architecture_gives_clear_error(trained, tmp_path, capsys):
+    rc = push_main([str(trained['ckpt']), '--model', 'hubtest_tiny_lcnn_wide', '--repo-id', REPO_ID,
+                    '--dry-run', '--out', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert rc == 1 and "does not match architecture 'hubtest_tiny_lcnn_wide'" in err and 'shape mismatch' in err
+    rc = push_main([str(trained['ckpt']), '--model', 'hubtest_no_such_model', '--repo-id', REPO_ID,
+                    '--dry-run', '--out', str(tmp_path / 'out')])
+    assert rc == 1 and 'is not registered' in capsys.readouterr().err
+    # a repository whose weights belong to another architecture, caught before timm's strict load
+    repo = _broken_copy(trained, tmp_path)
+    cfg = json.loads((repo / 'config.json').read_text())
+    cfg['architecture'] = 'hubtest_tiny_lcnn_wide'
+    (repo / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(HubError, match='does not match architecture'):
+        load_pretrained(f'local-dir:{repo}')
+
+
+def _card_parts(card):
+    front = yaml.safe_load(card.split('---\n')[1])
+    section = card.split('## Measured results\n')[1].split('\n## ')[0]
+    rows = [r.split(' | ') for r in section.strip().splitlines() if r.startswith('| ') and '---' not in r][1:]
+    table = {r[0].lstrip('| '): r[1] for r in rows}
+    return front, table
+
+
+def test_each_card_numbers_equal_its_results_json(trained, tmp_path):
+    root = tmp_path / 'hub_cards'
+    for name, results in (('tiny-a', _results()), ('tiny-b', _results(acc=77.5, shift=0.5))):
+        shutil.copytree(trained['repo'], root / name)
+        (root / name / 'results.json').write_text(json.dumps(results))
+    cards = regenerate_cards(root)
+    assert [c.parent.name for c in cards] == ['tiny-a', 'tiny-b']
+    for card in cards:
+        res = json.loads((card.parent / 'results.json').read_text())['metrics']
+        front, table = _card_parts(card.read_text())
+        assert front['library_name'] == 'timm' and {'lcnn', 'robustness', 'timm'} <= set(front['tags'])
+        assert front['datasets'] == ['zalando-datasets/fashion_mnist']
+        measured = {m['name']: m['value'] for m in front['model-index'][0]['results'][0]['metrics']}
+        curv = res['curvature']
+        expected = {
+            'Clean top-1 accuracy (%)': (res['accuracy']['value'], None, '.2f'),
+            'E C_f (normalized curvature)': (curv['curvature']['mean'], curv['curvature']['std'], '.4g'),
+            'E ‖∇f‖₂': (curv['gradient_norm']['mean'], curv['gradient_norm']['std'], '.4g'),
+            'E ‖∇²f‖₂': (curv['hessian_norm']['mean'], curv['hessian_norm']['std'], '.4g'),
+            **{f'L2 PGD accuracy (%), ε = {a["eps"]:g}': (a['accuracy'], None, '.2f') for a in res['pgd']},
+        }
+        assert measured == {k: v for k, (v, _, _) in expected.items()}
+        assert set(table) == set(expected)
+        for name, (value, std, fmt) in expected.items():
+            numbers = [float(n) for n in table[name].split(' ± ')]
+            assert numbers == [float(format(v, fmt)) for v in (value, std) if v is not None]
+
+
+def test_card_is_generated_not_edited(trained, tmp_path):
+    root = tmp_path / 'hub_cards'
+    shutil.copytree(trained['repo'], root / 'tiny')
+    (root / 'tiny' / 'README.md').write_text('hand edit')
+    regenerate_cards(root)
+    assert (root / 'tiny' / 'README.md').read_text() == (trained['repo'] / 'README.md').read_text()
+
+
+def test_unsupported_results_schema_is_a_clear_error(trained, tmp_path, capsys):
+    (tmp_path / 'results.json').write_text(json.dumps({'schema_version': 99}))
+    rc = push_main([str(trained['ckpt']), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID, '--results',
+                    str(tmp_path / 'results.json'), '--dry-run', '--out', str(tmp_path / 'out')])
+    assert rc == 1 and 'schema_version 99 is not supported' in capsys.readouterr().err
