@@ -32,3 +32,22 @@ def tiny_standard(in_chans: int = 1, num_classes: int = 3, width: int = 4) -> nn
         nn.BatchNorm2d(width, affine=False), nn.Softplus(beta=1000.0),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
     )
+
+
+def _register() -> None:
+    """Expose the tiny models to timm.create_model (the trainer builds models by name)."""
+    from timm.models import is_model, register_model
+
+    if is_model("test_tiny_lcnn"):
+        return
+
+    @register_model
+    def test_tiny_lcnn(pretrained=False, num_classes=3, in_chans=1, img_size=8, drop_rate=0.0, **kwargs):
+        return tiny_lcnn(in_chans, num_classes, img_size)
+
+    @register_model
+    def test_tiny_standard(pretrained=False, num_classes=3, in_chans=1, drop_rate=0.0, **kwargs):
+        return tiny_standard(in_chans, num_classes)
+
+
+_register()

@@ -28,8 +28,10 @@ class TensorLoader:
 
     Args:
         train: shuffle every epoch and apply random crop (``padding``) + flip (``hflip``).
-        rank, world_size: DDP sharding; every rank gets ``ceil(N / world_size)``
-            examples (the order is padded by wrapping around, like ``DistributedSampler``).
+        rank, world_size: DDP sharding. Training: every rank gets ``ceil(N / world_size)``
+            examples (the order is padded by wrapping around, like ``DistributedSampler``),
+            so all ranks run the same number of steps. Evaluation: ranks split the
+            examples exactly, without repeats.
         drop_last: drop the last incomplete batch (the paper keeps it).
     """
 
@@ -67,7 +69,9 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         """Examples this rank sees per epoch."""
-        return math.ceil(len(self.images) / self.world_size)
+        if self.train:
+            return math.ceil(len(self.images) / self.world_size)
+        return len(range(self.rank, len(self.images), self.world_size))
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -85,9 +89,10 @@ class TensorLoader:
             order = torch.randperm(count, generator=generator)
         else:
             order = torch.arange(count)
-        total = self.num_samples * self.world_size
-        order = torch.cat([order, order[: total - count]]) if total > count else order
-        return order[self.rank: total: self.world_size].to(self.device)
+        if self.train:
+            total = self.num_samples * self.world_size
+            order = torch.cat([order, order[: total - count]]) if total > count else order
+        return order[self.rank:: self.world_size].to(self.device)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()

@@ -1,0 +1,202 @@
+"""Training configuration: timm ``train.py`` key names plus the LCNN keys.
+
+A YAML file maps keys to values (``model: lcnn_resnet18``); command-line
+overrides use the same names (``--lr 0.05`` or ``--batch-size 64``). Keys of
+timm's ``train.py`` that only configure timm's own PIL data pipeline are
+accepted and ignored (so one YAML serves both trainers); any other unknown
+key is an error naming the closest valid keys.
+"""
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+__all__ = ["TIMM_PIPELINE_KEYS", "TrainConfig", "load_config", "parse_overrides"]
+
+# timm train.py keys for its PIL/worker pipeline; the tensor pipeline has no use for them
+TIMM_PIPELINE_KEYS = frozenset({
+    "scale", "ratio", "color_jitter", "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob",
+    "interpolation", "train_interpolation", "crop_pct", "train_crop_mode", "workers", "pin_mem",
+    "no_prefetcher", "log_interval", "input_img_mode", "dataset_download", "use_multi_epochs_loader",
+    "device_modules", "checkpoint_hist", "eval_metric", "reprob", "remode", "recount",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Every key ``lcnn-timm train`` understands, with its default."""
+
+    # data (timm names)
+    dataset: str = "fashion_mnist"
+    data_dir: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "test"
+    input_key: Optional[str] = None
+    target_key: Optional[str] = None
+    train_num_samples: Optional[int] = None
+    val_num_samples: Optional[int] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    hflip: float = 0.5
+    no_aug: bool = False
+    # model
+    model: str = "lcnn_resnet18"
+    pretrained: bool = False
+    num_classes: Optional[int] = None
+    in_chans: Optional[int] = None
+    img_size: Optional[int] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    drop: float = 0.0
+    channels_last: bool = False
+    torchcompile: Optional[str] = None
+    # optimiser and schedule
+    opt: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[List[float]] = None
+    opt_kwargs: Dict[str, Any] = field(default_factory=dict)
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+    sched: str = "multistep"
+    sched_on_updates: bool = False
+    epochs: int = 200
+    decay_milestones: List[int] = field(default_factory=lambda: [150, 175])
+    decay_epochs: float = 100
+    decay_rate: float = 0.1
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    warmup_prefix: bool = False
+    cooldown_epochs: int = 0
+    min_lr: float = 0.0
+    smoothing: float = 0.0
+    # batches, precision, devices
+    batch_size: int = 128
+    validation_batch_size: Optional[int] = None
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    device: Optional[str] = None
+    seed: int = 42
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    # output and checkpoints
+    output: str = ""
+    experiment: str = ""
+    resume: str = ""
+    recovery_interval: int = 0
+    val_interval: int = 1
+    # LCNN keys
+    beta_weight: float = 0.0
+    gamma_weight: float = 0.0
+    gradreg_weight: float = 0.0
+    gradreg_mode: str = "exact"
+    gradreg_scale: float = 1e5
+    gradreg_fd_step: float = 1e-2
+    cure_weight: float = 0.0
+    cure_scale: float = 1e3
+    cure_step: float = 1.0
+    adv_training: bool = False
+    adv_eps: float = 0.1
+    adv_step: float = 0.01
+    adv_steps: int = 3
+    adv_true_labels: bool = False
+    crop_padding: int = 4
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
+        positive = dict(epochs=self.epochs, batch_size=self.batch_size, val_interval=self.val_interval)
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(key: str, value: Any) -> Any:
+    """Coerce YAML scalars to the field's type (int -> float is fine); refuse the rest clearly."""
+    default = _FIELDS[key].default
+    if default is dataclasses.MISSING:
+        default = _FIELDS[key].default_factory()
+    annotation = str(_FIELDS[key].type)
+    if value is None:
+        if "Optional" in annotation or default is None:
+            return None
+        raise ValueError(f"config key {key!r} cannot be null")
+    kind = type(default) if default is not None else None
+    if kind is None:  # Optional[...]: infer from the annotation
+        kind = next((k for k in (list, dict, int, float, str) if k.__name__ in annotation.lower()), None)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if kind is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config key {key!r} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _normalise_key(key: str) -> str:
+    return key.lstrip("-").replace("-", "_")
+
+
+def _unknown_key_error(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(_FIELDS))}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def parse_overrides(argv: Sequence[str]) -> Dict[str, Any]:
+    """``['--lr', '0.05', '--amp']`` -> ``{'lr': 0.05, 'amp': True}`` (values parsed as YAML)."""
+    overrides: Dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ValueError(f"expected an option like --key value, got {token!r}")
+        key, _, inline = token[2:].partition("=")
+        if inline:
+            overrides[_normalise_key(key)] = yaml.safe_load(inline)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides[_normalise_key(key)] = yaml.safe_load(argv[i + 1])
+            i += 2
+        else:  # a bare flag
+            overrides[_normalise_key(key)] = True
+            i += 1
+    return overrides
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Read a YAML file (timm ``train.py`` format), apply ``overrides`` and validate every key."""
+    values: Dict[str, Any] = {}
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+        values.update({_normalise_key(k): v for k, v in loaded.items()})
+    values.update(overrides or {})
+    kwargs = {}
+    for key, value in values.items():
+        if key in TIMM_PIPELINE_KEYS:
+            continue
+        if key not in _FIELDS:
+            raise _unknown_key_error(key)
+        if key == "resume" and value is True:  # bare --resume: continue the output folder's run
+            value = "auto"
+        kwargs[key] = _check_type(key, value)
+    return TrainConfig(**kwargs)

@@ -1,0 +1,340 @@
+"""The training loop of ``lcnn-timm train``, assembled from timm's parts.
+
+``create_model`` -> :class:`LCNNTask` -> ``create_optimizer_v2`` (beta/gamma
+without weight decay) -> ``create_scheduler_v2`` -> optional ``ModelEmaV3`` and
+``torch.compile`` -> DDP. Data comes from :mod:`lcnn_timm.data` as
+:class:`TensorLoader` batches. Every epoch appends to ``metrics.jsonl``,
+redraws the PNG curves and writes an atomic checkpoint; ``resume`` replays the
+run exactly from the last checkpoint.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from timm.models import create_model
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils.model import unwrap_model
+from torch import nn
+from tqdm import tqdm
+
+from ..curvature.penalty import lcnn_parameters
+from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .config import TrainConfig
+from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
+from .task import AdversarialConfig, LCNNTask
+
+__all__ = ["NonFiniteLossError", "Trainer", "param_groups", "train"]
+
+LCNN_NO_DECAY = ("log_beta", "log_gamma")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Two groups: weight decay on everything but beta/gamma (``log_beta``/``log_gamma``) and ``no_weight_decay()`` names.
+
+    Like the reference (and unlike timm's default) biases and norm weights keep weight decay.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        excluded = name in skip or name.rsplit(".", 1)[-1] in LCNN_NO_DECAY
+        (no_decay if excluded else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _distributed_setup(cfg: TrainConfig) -> Tuple[torch.device, int, int]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else (cfg.device or "cpu"))
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device, rank, world_size
+
+
+def _output_dir(cfg: TrainConfig) -> Path:
+    if cfg.output:
+        return Path(cfg.output) / cfg.experiment if cfg.experiment else Path(cfg.output)
+    return Path("output") / "train" / (cfg.experiment or f"{cfg.model}-{resolve_dataset_name(cfg.dataset) or 'data'}")
+
+
+class Trainer:
+    """One training run described by a :class:`TrainConfig` (see :func:`train`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device, self.rank, self.world_size = _distributed_setup(cfg)
+        self.primary = self.rank == 0
+        self.out_dir = _output_dir(cfg)
+        if self.primary:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self._build_data()
+        self._build_model()
+        self.meter = MeanMeter()
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.epoch_seconds = 0.0  # time in training steps so far this epoch
+        self.rows: List[dict] = []
+        self.last_checkpoint: Optional[Path] = None
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # ---------------------------------------------------------------- setup
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        if resolve_dataset_name(cfg.dataset) is None:
+            raise ValueError(
+                f"dataset {cfg.dataset!r}: lcnn-timm train reads cifar10, cifar100 and fashion_mnist "
+                "(also as hfds/uoft-cs/cifar10, hfds/uoft-cs/cifar100, torch/fashion_mnist); use timm's train.py "
+                "with device_modules: [lcnn_timm] for other datasets"
+            )
+        train_x, train_y = load_image_tensors(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.target_key)
+        val_x, val_y = load_image_tensors(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.target_key)
+        if cfg.img_size is not None and cfg.img_size != train_x.shape[-1]:
+            raise ValueError(f"img_size {cfg.img_size} differs from the dataset's native size {train_x.shape[-1]}; "
+                             "the tensor pipeline does not resize")
+        self.num_classes = cfg.num_classes or int(max(train_y.max(), val_y.max())) + 1
+        self.in_chans = cfg.in_chans or train_x.shape[1]
+        if cfg.train_num_samples:  # a fixed random subset, the same for every seed
+            keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: cfg.train_num_samples]
+            train_x, train_y = train_x[keep], train_y[keep]
+        self.full_val = (val_x, val_y)
+        if cfg.val_num_samples:
+            val_x, val_y = val_x[: cfg.val_num_samples], val_y[: cfg.val_num_samples]
+        common = dict(device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last,
+                      rank=self.rank, world_size=self.world_size)
+        self.train_loader = TensorLoader(
+            train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, hflip=0.0 if cfg.no_aug else cfg.hflip,
+            padding=0 if cfg.no_aug else cfg.crop_padding, **common)
+        self.val_loader = self._eval_loader(val_x, val_y)
+
+    def _eval_loader(self, images: torch.Tensor, labels: torch.Tensor) -> TensorLoader:
+        cfg = self.cfg
+        return TensorLoader(images, labels, cfg.validation_batch_size or cfg.batch_size, train=False,
+                            device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last,
+                            rank=self.rank, world_size=self.world_size)
+
+    def _build_model(self) -> None:
+        import lcnn_timm  # noqa: F401  (registers the LCNN models)
+
+        cfg = self.cfg
+        model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=self.num_classes,
+                             in_chans=self.in_chans, drop_rate=cfg.drop, **cfg.model_kwargs)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+        adversarial = (AdversarialConfig(cfg.adv_eps, cfg.adv_step, cfg.adv_steps, cfg.adv_true_labels)
+                       if cfg.adv_training else None)
+        self.task = LCNNTask(
+            model, criterion, beta_weight=cfg.beta_weight, gamma_weight=cfg.gamma_weight,
+            gradreg_weight=cfg.gradreg_weight, gradreg_mode=cfg.gradreg_mode, gradreg_scale=cfg.gradreg_scale,
+            gradreg_fd_step=cfg.gradreg_fd_step, cure_weight=cfg.cure_weight, cure_scale=cfg.cure_scale,
+            cure_step=cfg.cure_step, adversarial=adversarial, device=self.device)
+        self.optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay), **optimizer_kwargs(cfg),
+                                             **cfg.opt_kwargs)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, **scheduler_kwargs(cfg),
+                                                updates_per_epoch=len(self.train_loader))
+        fp16 = cfg.amp and cfg.amp_dtype == "float16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=getattr(torch, cfg.amp_dtype))) if cfg.amp \
+            else contextlib.nullcontext
+        if cfg.model_ema:
+            self.task.setup_ema(decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+        if cfg.torchcompile:
+            self.task.compile(backend=cfg.torchcompile)
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.task.prepare_distributed(device_ids=ids)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        ema = self.task.get_trainable_module(ema=True)
+        return {
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "epoch_seconds": self.epoch_seconds,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "meter": self.meter.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "config": vars(self.cfg),
+        }
+
+    def save(self) -> None:
+        """Checkpoint the current position (rank 0 writes; every rank waits for it)."""
+        if self.primary:
+            weights = unwrap_model(self.model).state_dict()
+            self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state())
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.out_dir if resume == "auto" else Path(resume))
+        if path is None:
+            if resume != "auto":
+                raise FileNotFoundError(f"resume: no checkpoint at {resume}")
+            return  # nothing to resume yet: start from scratch
+        weights, state = load_checkpoint(path)
+        unwrap_model(self.model).load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state["ema"] is not None and self.task.has_ema():
+            self.task.get_trainable_module(ema=True).load_state_dict(state["ema"])
+        self.meter.load_state_dict(state["meter"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.epoch_seconds = state["epoch_seconds"]
+        self.rows = [row for row in read_metrics(self.out_dir / "metrics.jsonl") if row["epoch"] < self.epoch]
+        self.last_checkpoint = path
+        if self.primary:
+            print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}")
+
+    # ---------------------------------------------------------------- loop
+    def _lcnn_means(self) -> Dict[str, float]:
+        log_betas, log_gammas = lcnn_parameters(unwrap_model(self.model))
+        out = {}
+        if log_betas:
+            out["mean_beta"] = torch.stack([b.detach().exp() for b in log_betas]).mean().item()
+        if log_gammas:
+            out["mean_gamma"] = torch.stack([g.detach().exp() for g in log_gammas]).mean().item()
+        return out
+
+    def _check_finite(self, loss: torch.Tensor, parts: Dict[str, torch.Tensor]) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            kept = self.last_checkpoint or "none (no checkpoint written yet)"
+            raise NonFiniteLossError(
+                f"training loss became non-finite at epoch {self.epoch}, batch {self.batch} (step {self.step}); "
+                f"terms on rank {self.rank}: {terms or 'n/a'}. Stopped before the update; last good checkpoint: {kept}. "
+                "Lower lr or the regulariser weights, or enable clip_grad.")
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One optimisation step; returns the task's detached outputs."""
+        with self.autocast():
+            result = self.task(images, labels)
+        parts = {k: v for k, v in result.items() if k not in ("loss", "output")}
+        self._check_finite(result["loss"], parts)
+        self.scaler.scale(result["loss"]).backward()
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            from timm.utils import dispatch_clip_grad
+            dispatch_clip_grad(self.task.get_clip_parameters(), self.cfg.clip_grad, mode=self.cfg.clip_mode)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.task.update_ema(step=self.step)
+        self.scheduler.step_update(num_updates=self.step)
+        return {"loss": result["loss"].detach(), "output": result["output"].detach(), **parts}
+
+    def train_epoch(self) -> None:
+        """Run the rest of the current epoch."""
+        loader = self.train_loader
+        loader.set_epoch(self.epoch, self.batch)
+        bar = tqdm(total=len(loader), initial=self.batch, desc=f"epoch {self.epoch}", disable=not
+                   (self.primary and self.cfg.progress), leave=False, dynamic_ncols=True)
+        self.task.train()
+        for images, labels in loader:
+            start = time.perf_counter()
+            result = self.train_step(images, labels)
+            self.epoch_seconds += time.perf_counter() - start
+            accuracy = (result.pop("output").argmax(1) == labels).float().mean()
+            self.meter.update({**result, "train_acc": accuracy}, len(labels))
+            self.batch += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(result['loss']):.4f}")
+            if self.cfg.recovery_interval and self.batch % self.cfg.recovery_interval == 0 and self.batch < len(loader):
+                self.save()
+        bar.close()
+
+    @torch.no_grad()
+    def evaluate(self, loader: TensorLoader, ema: bool = False) -> Dict[str, float]:
+        """Accuracy and mean CE of the (unwrapped) model on ``loader``, summed over ranks."""
+        model = unwrap_model(self.task.get_trainable_module(ema=ema))
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for images, labels in loader:
+            with self.autocast():
+                logits = model(images)
+            totals += torch.tensor([(logits.argmax(1) == labels).sum().item(),
+                                    nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item(),
+                                    len(labels)], dtype=torch.float64)
+        model.train(was_training)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        return {"acc": totals[0].item() / totals[2].item(), "loss": totals[1].item() / totals[2].item()}
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        row = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.meter.means(),
+               **self._lcnn_means()}
+        row["images_per_s"] = self.train_loader.num_samples * self.world_size / max(self.epoch_seconds, 1e-9)
+        row["epoch_seconds"] = self.epoch_seconds
+        last = self.epoch + 1 == cfg.epochs
+        if (self.epoch + 1) % cfg.val_interval == 0 or last:
+            val = self.evaluate(self.val_loader)
+            row.update(val_acc=val["acc"], val_loss=val["loss"])
+        self.rows.append(row)
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.meter, self.epoch_seconds = MeanMeter(), 0.0
+        self.scheduler.step(self.epoch)
+        if self.primary:
+            write_metrics(self.out_dir / "metrics.jsonl", self.rows)
+            if cfg.plot:
+                plot_metrics(self.rows, self.out_dir)
+            summary = {k: round(v, 4) for k, v in row.items() if k in ("loss", "train_acc", "val_acc", "images_per_s")}
+            tqdm.write(f"epoch {row['epoch']}: {summary}")
+        self.save()
+
+    def fit(self) -> Dict[str, float]:
+        """Train to ``epochs``, evaluate clean test accuracy, write final weights and ``final_eval.json``."""
+        while self.epoch < self.cfg.epochs:
+            self.train_epoch()
+            self._end_epoch()
+        result = {"model": self.cfg.model, "dataset": self.cfg.dataset, "split": self.cfg.val_split,
+                  "epochs": self.cfg.epochs}
+        full_val = self._eval_loader(*self.full_val)
+        result.update({f"test_{k}": v for k, v in self.evaluate(full_val).items()})
+        if self.task.has_ema():
+            result.update({f"test_ema_{k}": v for k, v in self.evaluate(full_val, ema=True).items()})
+        if self.primary:
+            save_weights(self.out_dir / "model.safetensors", unwrap_model(self.model).state_dict())
+            if self.task.has_ema():
+                save_weights(self.out_dir / "model_ema.safetensors",
+                             unwrap_model(self.task.get_trainable_module(ema=True)).state_dict())
+            atomic_write_text(self.out_dir / "final_eval.json", json.dumps(result, indent=2))
+            atomic_write_text(self.out_dir / "config.json", json.dumps(vars(self.cfg), indent=2))
+        return result
+
+
+def train(cfg: TrainConfig) -> Dict[str, float]:
+    """Run (or resume) a whole training run; returns the final clean test evaluation."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
