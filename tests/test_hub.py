@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from lcnn_timm.curvature import curvature_penalty
+from lcnn_timm.curvature import curvature_penalty, curvature_upper_bound
 from lcnn_timm.hub import HubError, load_pretrained, regenerate_cards, verify_repo_folder
 from lcnn_timm.hub.cli import main as push_main
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, spectral_norm
@@ -35,10 +35,16 @@ class TinyLCNN(nn.Module):
         self.bn = GammaBatchNorm2d(width)
         self.act = CenteredSoftplus()
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
         self.fc = spectral_norm(nn.Linear(width, num_classes))
 
+    def bound_chain(self):
+        return list(self.named_children())
+
     def forward(self, x):
-        return self.fc(self.pool(self.act(self.bn(self.conv(x)))).flatten(1))
+        for _, layer in self.bound_chain():
+            x = layer(x)
+        return x
 
 
 _CFG = dict(num_classes=3, input_size=(1, 8, 8), mean=(0.5,), std=(0.5,), first_conv='conv', classifier='fc',
@@ -90,6 +96,7 @@ def trained(tmp_path_factory):
     model.eval()
     with torch.no_grad():
         expected = model(x)
+    bound = curvature_upper_bound(model)
     ckpt = tmp / 'last.safetensors'
     save_file(model.state_dict(), ckpt)
     (tmp / 'results.json').write_text(json.dumps(_results()))
@@ -98,7 +105,7 @@ def trained(tmp_path_factory):
     rc = push_main([str(ckpt), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID, '--results',
                     str(tmp / 'results.json'), '--config', str(tmp / 'train.yaml'), '--dry-run', '--out', str(out)])
     assert rc == 0
-    return dict(tmp=tmp, ckpt=ckpt, x=x, expected=expected, repo=out)
+    return dict(tmp=tmp, ckpt=ckpt, x=x, expected=expected, repo=out, bound=bound)
 
 
 @pytest.fixture
@@ -133,7 +140,11 @@ def test_dry_run_writes_timm_layout(trained):
     assert cfg['num_classes'] == 3 and cfg['label_names'] == LABELS
     assert cfg['pretrained_cfg']['input_size'] == [1, 8, 8] and cfg['pretrained_cfg']['mean'] == [0.5]
     assert 'hf_hub_id' not in cfg['pretrained_cfg']  # the source is where it is loaded from, not stored
-    assert cfg['lcnn_timm']['repo_id'] == REPO_ID
+    assert cfg['lcnn_timm']['repo_id'] == REPO_ID and cfg['lcnn_timm']['lcnn'] is True
+    assert cfg['lcnn_timm']['curvature_bound'] == trained['bound'] > 0
+    card = (repo / 'README.md').read_text()
+    assert f'computed from the weights in eval mode): {trained["bound"]:.4g}.' in card
+    assert 'a low-curvature `hubtest_tiny_lcnn`' in card and 'arXiv}' in card and '77.42 ± 0.11' in card
     assert (repo / 'train.yaml').read_text() == (trained['tmp'] / 'train.yaml').read_text()
 
 

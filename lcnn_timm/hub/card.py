@@ -40,6 +40,14 @@ _DATASETS = {
     'svhn': ('ufldl-stanford/svhn', 'SVHN'),
 }
 
+_LCNN_METHOD = (
+    'Low-Curvature Neural Network (LCNN): centered softplus activations with a learnable, penalised curvature β, '
+    'γ-Lipschitz BatchNorm, and spectral normalisation of each convolution\'s true operator norm, which together '
+    'bound the network\'s normalized curvature (Srinivas et al., NeurIPS 2022).')
+_BASELINE_METHOD = (
+    'a baseline of the LCNN paper\'s comparison (Srinivas et al., NeurIPS 2022), not a low-curvature model: '
+    'its curvature is not bounded by construction.')
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -128,6 +136,9 @@ def render_card(
         repo_id: str,
         architecture: str,
         num_classes: int,
+        description: Optional[str] = None,
+        is_lcnn: bool = True,
+        curvature_bound: Optional[float] = None,
         input_size: List[int],
         results: Optional[Dict[str, Any]] = None,
         train_config_text: Optional[str] = None,
@@ -140,6 +151,7 @@ def render_card(
     metrics = metrics_from_results(results) if results else []
     ds = _dataset(results)
     model_name = repo_id.split('/')[-1]
+    kind = 'Low-Curvature Neural Network' if is_lcnn else 'baseline of the LCNN paper\'s comparison'
     notes = results.get('notes')
     if train_config_text is not None:
         recipe = (f'Trained with `lcnn-timm train --config {train_config_name or "train.yaml"}` '
@@ -148,16 +160,21 @@ def render_card(
         recipe = 'No training config was published with this checkpoint.'
     fields = {
         'front_matter': _front_matter(model_name, metrics, ds, license),
-        'title': f'{model_name}: a low-curvature `{architecture}`',
-        'summary': (f'A Low-Curvature Neural Network (LCNN) `{architecture}` image classifier trained on '
-                    f'{ds["display"]}, published with lcnn-timm in timm\'s format.'),
+        'title': f'{model_name}: {"a low-curvature" if is_lcnn else "a baseline"} `{architecture}`',
+        'summary': (f'`{architecture}` ({description or kind}) image classifier trained on {ds["display"]}, '
+                    f'published with lcnn-timm in timm\'s format.'),
+        'method': _LCNN_METHOD if is_lcnn else _BASELINE_METHOD,
         'architecture': architecture,
         'num_classes': num_classes,
         'input_size': 'x'.join(str(s) for s in input_size),
         'dataset_name': ds['display'],
         'repo_id': repo_id,
         'results_table': _results_table(metrics),
-        'protocol_notes': f'Notes from the evaluation: {notes}' if notes else '',
+        'protocol_notes': '\n\n'.join(filter(None, [
+            f'Notes from the evaluation: {notes}' if notes else '',
+            (f'Data-free upper bound on the normalized curvature max_x C_f(x) of the network (Theorem 1 of the paper, '
+             f'computed from the weights in eval mode): {curvature_bound:.4g}.') if curvature_bound is not None else '',
+        ])),
         'train_recipe': recipe,
     }
     return string.Template(Path(template).read_text(encoding='utf-8')).substitute(fields)
@@ -175,6 +192,9 @@ def render_card_for_folder(folder: Union[str, Path], template: Union[str, Path] 
         repo_id=meta['repo_id'],
         architecture=config['architecture'],
         num_classes=config['num_classes'],
+        description=config['pretrained_cfg'].get('description'),
+        is_lcnn=meta.get('lcnn', True),
+        curvature_bound=meta.get('curvature_bound'),
         input_size=config['pretrained_cfg']['input_size'],
         results=json.loads(results_path.read_text(encoding='utf-8')) if results_path.is_file() else None,
         train_config_text=train_path.read_text(encoding='utf-8') if train_path.is_file() else None,
