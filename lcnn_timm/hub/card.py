@@ -208,8 +208,8 @@ def regenerate_cards(root: Union[str, Path] = TEMPLATE_PATH.parent, template: Un
     """Rewrite ``README.md`` in every ``root/<name>/`` that holds a ``config.json``; return the cards written."""
     written = []
     for folder in sorted(p.parent for p in Path(root).glob('*/config.json')):
-        card = folder / 'README.md'
-        tmp = card.with_name('.README.md.tmp')
+        card, tmp = folder / 'README.md', folder / '.README.md.tmp'
+        # UTF-8 explicitly: the card has non-ASCII symbols and the locale's default encoding may be ASCII
         tmp.write_text(render_card_for_folder(folder, template), encoding='utf-8')
         os.replace(tmp, card)
         written.append(card)
