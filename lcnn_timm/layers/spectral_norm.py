@@ -214,7 +214,7 @@ class OperatorSpectralNorm(nn.Module):
 def _check_input(module: nn.Module, args) -> None:
     """Forward pre-hook: refuse inputs that do not match the operator the norm was computed for."""
     (x,) = args[:1]
-    operator = module.parametrizations.weight[0].operator
+    operator = _norm_and_input(module)[0].operator
     if isinstance(operator, ConvOperator):
         if x.dim() != 4 or x.shape[1] != operator.in_channels:
             raise ValueError(
@@ -228,6 +228,20 @@ def _check_input(module: nn.Module, args) -> None:
             )
     elif x.shape[-1] != operator.in_features:
         raise ValueError(f"{type(module).__name__} expects {operator.in_features} input features, got shape {tuple(x.shape)}")
+
+
+def _norm_and_input(module: nn.Module) -> Tuple[OperatorSpectralNorm, torch.Tensor]:
+    """The module's :class:`OperatorSpectralNorm` and the weight it receives.
+
+    The norm may follow other parametrizations in the chain (e.g. weight
+    standardisation), so its input is the original weight passed through them.
+    """
+    weight = module.parametrizations.weight.original
+    for parametrization in module.parametrizations.weight:
+        if isinstance(parametrization, OperatorSpectralNorm):
+            return parametrization, weight
+        weight = parametrization(weight)
+    raise ValueError(f"{type(module).__name__} is not spectrally normalised")
 
 
 def is_spectral_normalized(module: nn.Module) -> bool:
@@ -269,7 +283,10 @@ def spectral_norm(
 
 
 def remove_spectral_norms(model: nn.Module) -> nn.Module:
-    """Bake ``W / sigma`` into plain weights everywhere (for export / fast inference), in place."""
+    """Bake ``W / sigma`` into plain weights everywhere (for export / fast inference), in place.
+
+    The whole parametrization chain of ``weight`` is baked (e.g. standardisation, then the norm).
+    """
     for module in model.modules():
         if is_spectral_normalized(module):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
@@ -287,14 +304,19 @@ def refresh_spectral_norms(model: nn.Module, iterations: int = 30) -> int:
     count = 0
     for module in model.modules():
         if is_spectral_normalized(module):
-            norm = module.parametrizations.weight[0]
-            norm.power_iteration(module.parametrizations.weight.original, iterations)
+            norm, weight = _norm_and_input(module)
+            norm.power_iteration(weight, iterations)
             count += 1
     return count
 
 
 def operator_norm(module: nn.Module) -> torch.Tensor:
-    """Current estimate of the spectral norm of the *raw* (un-normalised) weight's operator."""
+    """Current estimate of the operator norm of the weight *before* normalisation.
+
+    That is the raw weight, or, when the norm follows other parametrizations
+    (weight standardisation), the weight they produce.
+    """
     if not is_spectral_normalized(module):
         raise ValueError(f"{type(module).__name__} is not spectrally normalised")
-    return module.parametrizations.weight[0].sigma(module.parametrizations.weight.original).detach()
+    norm, weight = _norm_and_input(module)
+    return norm.sigma(weight).detach()

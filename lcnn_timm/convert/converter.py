@@ -1,0 +1,100 @@
+"""``convert_model``: turn a timm (or any torch) model into a Low-Curvature Neural Network."""
+import copy
+import math
+from typing import Optional, Sequence, Set, Tuple
+
+from torch import nn
+
+from .activations import replace_activations
+from .catalog import leave_reason
+from .convs import normalize_layers
+from .function_preserving import absorb_spectral_scales, open_gamma_clips
+from .fx_activations import rewrite_functional_activations
+from .norms import replace_batchnorms
+from .probe import probe
+from .report import ConversionReport
+
+__all__ = ["convert_model"]
+
+DEFAULT_BETA = 5.0
+# large enough that the centered softplus is within log(2)/beta of a ReLU
+DEFAULT_PRESERVING_BETA = 30.0
+
+
+def _resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, int, int]:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size")
+        if input_size is None:
+            raise ValueError(
+                "convert_model needs input_size=(C, H, W): the model has no pretrained_cfg['input_size']. "
+                "Pass the size the model will be trained at (spectral norms of convs depend on it)."
+            )
+    if len(input_size) != 3 or not all(isinstance(d, int) and d > 0 for d in input_size):
+        raise ValueError(f"input_size must be (C, H, W) with positive ints, got {input_size!r}")
+    return tuple(input_size)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"convert_model: {name} must be a finite number > 0, got {value!r}")
+
+
+def _audit(model: nn.Module, report: ConversionReport) -> None:
+    """Report every module the conversion did not handle and that matters to the LCNN theory."""
+    reported: Set[str] = {entry.name for entry in report.left_alone}
+    for name, module in model.named_modules():
+        found = leave_reason(module)
+        if found is not None and (name or "<model>") not in reported:
+            kind, reason = found
+            report.leave(name or "<model>", type(module).__name__, kind, reason)
+
+
+def convert_model(
+    model: nn.Module,
+    input_size: Optional[Sequence[int]] = None,
+    inplace: bool = False,
+    beta: Optional[float] = None,
+    gamma: float = 10.0,
+    function_preserving: bool = False,
+    init_iterations: int = 30,
+) -> Tuple[nn.Module, ConversionReport]:
+    """Convert ``model`` to an LCNN: centered softplus, gamma-BN and operator-norm spectral normalisation.
+
+    Args:
+        model: a timm (or any) image model.
+        input_size: (C, H, W) the model will be trained at; default ``model.pretrained_cfg['input_size']``.
+            Conv operator norms depend on the spatial size, so training at another size needs a new conversion.
+        inplace: modify ``model`` itself instead of a deep copy.
+        beta: initial centered-softplus beta; default 5 (the paper's), or 30 with ``function_preserving``.
+        gamma: initial gamma of the gamma-BNs (in function-preserving mode, raised to each BN's Lipschitz constant).
+        function_preserving: keep a pretrained model's eval function: each spectral-norm scale is absorbed by the
+            BatchNorm that follows the layer, gamma clips are opened, beta defaults large (see docs/converter.md).
+        init_iterations: power-iteration steps run for each new spectral norm.
+
+    Returns:
+        The converted model (a copy unless ``inplace``; a ``torch.fx.GraphModule`` only when the model's own
+        ``forward`` calls a functional activation) and a :class:`ConversionReport`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_model expects an nn.Module, got {type(model).__name__}")
+    beta = (DEFAULT_PRESERVING_BETA if function_preserving else DEFAULT_BETA) if beta is None else beta
+    _check_positive("beta", beta)
+    _check_positive("gamma", gamma)
+    if not isinstance(init_iterations, int) or init_iterations < 1:
+        raise ValueError(f"convert_model: init_iterations must be an int >= 1, got {init_iterations!r}")
+    input_size = _resolve_input_size(model, input_size)
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    report = ConversionReport()
+    probed = probe(model, input_size)
+    gamma_bns = replace_batchnorms(model, probed, gamma, report)
+    replace_activations(model, beta, report)
+    model = rewrite_functional_activations(model, beta, report)
+    normalized = normalize_layers(model, probed, init_iterations, report)
+    if function_preserving:
+        absorb_spectral_scales(model, probed, normalized, gamma_bns, report)
+        open_gamma_clips(model, gamma)
+    _audit(model, report)
+    return model, report

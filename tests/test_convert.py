@@ -1,0 +1,284 @@
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, Conv2dSame, FrozenBatchNormAct2d, ScaledStdConv2d, StdConv2d, StdConv2dSame
+from torch import nn
+
+import lcnn_timm
+from lcnn_timm.convert import ConversionReport, convert_model
+from lcnn_timm.convert.catalog import ACTIVATIONS, LINEARS, PLAIN_CONVS, STANDARDIZED_CONVS
+from lcnn_timm.curvature import UnsupportedStructureError, curvature_upper_bound
+from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, is_spectral_normalized, operator_norm
+
+
+def dense_operator_norm(layer, input_shape):
+    x = torch.zeros(input_shape, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v), x)
+    return torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), 2).item()
+
+
+CONV_CASES = {
+    "conv": lambda: nn.Conv2d(4, 6, 3, padding=1, bias=False),
+    "depthwise_stride2": lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),
+    "conv2d_same_stride2": lambda: Conv2dSame(4, 6, 3, stride=2),
+    "std_conv": lambda: StdConv2d(4, 6, 3),
+    "std_conv_same_stride2": lambda: StdConv2dSame(4, 6, 3, stride=2),
+    "scaled_std_conv": lambda: ScaledStdConv2d(4, 6, 3, gain_init=1.7),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_converted_conv_has_unit_operator_norm_and_same_direction(case):
+    torch.manual_seed(0)
+    original = nn.Sequential(CONV_CASES[case]()).double()
+    converted, report = convert_model(original, input_size=(4, 7, 6), init_iterations=500)
+    converted.eval()
+    assert report.fully_converted, str(report)
+    layer = converted[0]
+    assert is_spectral_normalized(layer)
+    assert dense_operator_norm(converted, (1, 4, 7, 6)) == pytest.approx(1.0, abs=1e-3)
+    # the normalised layer computes the original forward (standardisation included) divided by sigma
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    bias = 0 if layer.bias is None else layer.bias.view(1, -1, 1, 1)
+    expected = (original(x) - bias) / operator_norm(layer) + bias
+    torch.testing.assert_close(converted(x), expected)
+
+
+class _Marker(nn.Module):
+    """A drop layer stand-in that records the order in which it ran."""
+
+    def forward(self, x):
+        return x * 3.0
+
+
+@pytest.mark.parametrize("fused", [BatchNormAct2d, FrozenBatchNormAct2d])
+def test_fused_norm_act_keeps_drop_and_order(fused):
+    torch.manual_seed(0)
+    norm_act = fused(5, act_layer=nn.ReLU, drop_layer=_Marker)
+    with torch.no_grad():
+        norm_act.running_mean.uniform_(-1, 1)
+        norm_act.running_var.uniform_(0.5, 2)
+        norm_act.weight.uniform_(0.5, 1.5)
+        norm_act.bias.uniform_(-1, 1)
+    converted, report = convert_model(nn.Sequential(norm_act), input_size=(5, 4, 4), gamma=100.0)
+    unit = converted[0]
+    assert list(dict(unit.named_children())) == ["bn", "drop", "act"]
+    assert isinstance(unit.bn, GammaBatchNorm2d) and isinstance(unit.drop, _Marker)
+    assert isinstance(unit.act, CenteredSoftplus)
+    assert {(r.name, r.old) for r in report.replaced} >= {("0", fused.__name__), ("0.act", "ReLU")}
+    converted.eval()
+    x = torch.randn(3, 5, 4, 4)
+    bn = (x - norm_act.running_mean.view(1, -1, 1, 1)) / (norm_act.running_var.view(1, -1, 1, 1) + norm_act.eps).sqrt()
+    bn = bn * norm_act.weight.view(1, -1, 1, 1) + norm_act.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(converted(x), unit.act(bn * 3.0))
+
+
+class _Relu(nn.Module):
+    def forward(self, x):
+        return F.relu(x)
+
+
+class _Zoo(nn.Module):
+    """One of each thing the converter must replace, leave alone or report."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.gate = nn.Sigmoid()
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.pool = nn.MaxPool2d(2)
+        self.norm = nn.LayerNorm(8)
+        self.conv1d = nn.Conv1d(8, 8, 1)
+        self.unused = nn.Conv2d(8, 8, 1)
+        self.relu = _Relu()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        x = self.reflect(x * self.gate(x))
+        x = self.pool(self.relu(x)).mean((2, 3))
+        x = self.conv1d(self.norm(x).unsqueeze(-1)).squeeze(-1)
+        return self.fc(x)
+
+
+def test_report_lists_replacements_and_reasons():
+    converted, report = convert_model(_Zoo(), input_size=(3, 8, 8))
+    replaced = {r.name: (r.old, r.new) for r in report.replaced}
+    assert replaced["bn"] == ("BatchNorm2d", "GammaBatchNorm2d")
+    assert replaced["act"] == ("ReLU", "CenteredSoftplus")
+    assert replaced["conv"][0] == "Conv2d" and "spectral-normalised" in replaced["conv"][1]
+    assert replaced["fc"][0] == "Linear"
+    assert [old for name, (old, _) in replaced.items() if name.startswith("relu:")] == ["relu()"]
+    kinds = {e.name: e.kind for e in report.left_alone}
+    assert kinds == {"gate": "gate", "reflect": "conv", "pool": "pool", "norm": "norm", "conv1d": "conv", "unused": "conv"}
+    assert {e.name for e in report.unconverted} == {"reflect", "conv1d", "unused"}
+    assert not report.fully_converted
+    text = str(report)
+    assert "padding_mode='reflect'" in text and "never ran" in text and "NOT fully converted" in text
+    assert isinstance(converted.relu, torch.fx.GraphModule)
+    assert not is_spectral_normalized(converted.reflect)
+    converted(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()  # in place: the later read of y must see the activation
+        return F.gelu(y) + y
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            x = torch.relu(x)
+        return self.block(x)
+
+
+def test_functional_activations_rewritten_and_untraceable_forward_reported():
+    torch.manual_seed(0)
+    model = _Untraceable()
+    converted, report = convert_model(model, input_size=(4, 5, 5), beta=3.0)
+    assert [(e.name, e.kind) for e in report.unconverted] == [("<model>", "untraceable")]
+    assert type(converted) is _Untraceable  # the root keeps its class; only the block was rewritten
+    assert isinstance(converted.block, torch.fx.GraphModule)
+    acts = [m for m in converted.block.modules() if isinstance(m, CenteredSoftplus)]
+    assert len(acts) == 2
+    assert sorted(r.old for r in report.replaced if r.name.startswith("block:")) == [".relu_()", "gelu()"]
+    x = -torch.rand(1, 4, 5, 5)  # negative sum: the untraced relu branch is skipped
+    act = CenteredSoftplus(3.0)
+    y = act(converted.block.conv(x))
+    torch.testing.assert_close(converted(x), act(y) + y)
+
+
+def test_functional_activation_in_the_root_forward_gives_a_graph_module():
+    converted, report = convert_model(_Relu(), input_size=(3, 4, 4))
+    assert isinstance(converted, torch.fx.GraphModule) and report.fully_converted
+    assert [(e.name, e.kind) for e in report.left_alone] == [("<model>", "note")]
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(converted(x), CenteredSoftplus()(x))
+
+
+def _warm_up(model, input_size, steps=3):
+    """Non-trivial running statistics, then eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(8, *input_size) * 1.5 + 0.3)
+    return model.eval()
+
+
+def _relative_deviation(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_function_preserving_absorbs_spectral_scales_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8),
+    )
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight.mul_(4.0)
+    _warm_up(model, (3, 8, 8))
+    converted, report = convert_model(model, input_size=(3, 8, 8), function_preserving=True)
+    converted.eval()
+    assert [c.absorbed_by for c in report.compensations] == ["1", "3"]
+    assert all(c.sigma > 1.5 for c in report.compensations)  # the scales were far from 1
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        # gamma clips are open: every gamma-BN keeps its full scale
+        assert all(m.gamma >= m.lipschitz_constant() for m in converted.modules() if isinstance(m, GammaBatchNorm2d))
+        assert _relative_deviation(converted(x), model(x)) < 1e-5
+
+
+def test_function_preserving_deviation_shrinks_with_beta():
+    torch.manual_seed(0)
+    model = _warm_up(timm.create_model("resnet18", pretrained=False, num_classes=10), (3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(x), pre_logits=True)
+    deviations = []
+    for beta in (50.0, 1000.0):
+        converted, report = convert_model(model, input_size=(3, 32, 32), function_preserving=True, beta=beta)
+        assert [c.name for c in report.uncompensated] == ["fc"]  # the only layer with no BatchNorm after it
+        converted.eval()
+        with torch.no_grad():
+            deviations.append(_relative_deviation(converted.forward_head(converted.forward_features(x), pre_logits=True), reference))
+    # tolerance: the centered softplus sits within log(2)/beta of a ReLU; errors add up over 17 activations
+    assert deviations[1] < 0.05 and deviations[1] < deviations[0] / 5
+
+
+def _audit_is_complete(model, report: ConversionReport):
+    """Independently of the converter: every unconverted activation, BatchNorm or conv/linear is reported."""
+    reported = {e.name for e in report.left_alone}
+    for name, module in model.named_modules():
+        kind = type(module)
+        unconverted = (
+            kind in ACTIVATIONS
+            or isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNormAct2d, FrozenBatchNormAct2d))
+            and not isinstance(module, lcnn_timm.layers.gamma_batchnorm._GammaBatchNorm)
+            or isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not is_spectral_normalized(module)
+        )
+        assert not unconverted or name in reported, f"{name} ({kind.__name__}) unconverted and unreported"
+
+
+# nf_regnet_b0: ScaledStdConv2d; resnetv2_50x1_bit: StdConv2d (timm's resnetv2_50 uses plain convs)
+DEFAULT_MODELS = ["resnet18", "tf_efficientnet_b0", "nf_regnet_b0", "vit_tiny_patch16_224"]
+SLOW_MODELS = [
+    "resnetv2_50x1_bit",
+    "resnet50", "resnetv2_50", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "regnety_002",
+    "densenet121", "cspresnet50", "dla34", "convnext_atto", "mixnet_s",
+]
+
+
+@pytest.mark.parametrize(
+    "name", DEFAULT_MODELS + [pytest.param(name, marks=pytest.mark.slow) for name in SLOW_MODELS]
+)
+def test_timm_model_converts_and_trains(name):
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64) if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    converted, report = convert_model(model, input_size=(3, 64, 64))
+    assert report.fully_converted, str(report)
+    _audit_is_complete(converted, report)
+    assert any(isinstance(m, CenteredSoftplus) for m in converted.modules())
+    convs = [m for m in converted.modules() if type(m) in PLAIN_CONVS + STANDARDIZED_CONVS + LINEARS]
+    assert not [m for m in convs if not is_spectral_normalized(m)]
+    converted.train()
+    out = converted(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5)
+    out.square().sum().backward()
+    grads = [p.grad for n, p in converted.named_parameters() if n.endswith("log_beta")]
+    assert grads and all(g is not None and torch.isfinite(g) for g in grads)
+    if name.startswith("vit"):
+        assert {"norm", "attention"} <= {e.kind for e in report.left_alone}
+        with pytest.raises(UnsupportedStructureError):
+            curvature_upper_bound(converted.eval())
+
+
+def test_default_input_size_and_argument_errors():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    converted, _ = convert_model(model)  # input size from pretrained_cfg: 224 x 224
+    assert converted.conv1.parametrizations.weight[0].operator.input_size == (224, 224)
+    assert type(model.act1) is nn.ReLU  # not in place: the original is untouched
+    with pytest.raises(ValueError, match="input_size"):
+        convert_model(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match="beta"):
+        convert_model(model, beta=-1.0)
+    same, _ = convert_model(model, input_size=(3, 32, 32), inplace=True)
+    assert same is model and isinstance(model.act1, CenteredSoftplus)
+    assert math.isclose(model.act1.beta.item(), 5.0, rel_tol=1e-6)
