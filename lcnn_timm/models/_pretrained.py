@@ -90,15 +90,17 @@ def fashion_mnist_cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 def filter_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Drop every classifier entry when its shapes differ from ``model``'s (a new ``num_classes``).
+    """Drop the whole classifier when timm adapts the head (``num_classes`` differs from the cfg's).
 
     timm drops only ``fc.weight``/``fc.bias``; a spectrally normalised head is
-    stored as ``fc.parametrizations.weight.original`` plus its singular vectors.
+    stored as ``fc.parametrizations.weight.original`` plus its singular vectors,
+    which must go with the bias. Shapes that differ also drop the head.
     """
     prefix = model.get_classifier(name_only=True) + "."
     own = model.state_dict()
     head_keys = [k for k in state_dict if k.startswith(prefix)]
-    if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
+    new_classes = model.num_classes != getattr(model, "pretrained_cfg", {}).get("num_classes", model.num_classes)
+    if new_classes or any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
         return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
     return state_dict
 
