@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .layers.gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, _GammaBatchNorm, _gamma_clip
-from .layers.spectral_norm import is_spectral_normalized, remove_spectral_norms
+from .layers.spectral_norm import remove_spectral_norms
 
 __all__ = ["freeze"]
 
@@ -34,19 +34,6 @@ def _plain_batchnorm(bn: _GammaBatchNorm) -> nn.modules.batchnorm._BatchNorm:
     plain.running_var.copy_(bn.running_var)
     plain.num_batches_tracked.copy_(bn.num_batches_tracked)
     return plain.eval()
-
-
-def _detach_parametrized_classes(model: nn.Module) -> None:
-    """Give every spectrally normalised module its own parametrized class.
-
-    torch's ``remove_parametrizations`` deletes the ``weight`` property from the
-    module's class, and a deep copy shares that class with its original: baking
-    the copy would break the original's ``weight``.
-    """
-    for module in model.modules():
-        if is_spectral_normalized(module):
-            cls = type(module)
-            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
 def _replace_gamma_batchnorms(module: nn.Module) -> None:
@@ -70,7 +57,6 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    _detach_parametrized_classes(model)
     remove_spectral_norms(model)
     _replace_gamma_batchnorms(model)
     return model

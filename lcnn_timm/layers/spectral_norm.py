@@ -289,6 +289,10 @@ def remove_spectral_norms(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if is_spectral_normalized(module):
+            # remove_parametrizations deletes the ``weight`` property from the module's class, which a
+            # deep copy shares with its original: give this module a class of its own first.
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             for key, hook in list(module._forward_pre_hooks.items()):
                 if hook is _check_input:
