@@ -320,3 +320,21 @@ def test_unsupported_results_schema_is_a_clear_error(trained, tmp_path, capsys):
     rc = push_main([str(trained['ckpt']), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID, '--results',
                     str(tmp_path / 'results.json'), '--dry-run', '--out', str(tmp_path / 'out')])
     assert rc == 1 and 'schema_version 99 is not supported' in capsys.readouterr().err
+
+
+def test_registry_lcnn_resnet18_round_trip(tmp_path):
+    """The real registry model, pushed by tag: label names and input size from the tag, bound in the card."""
+    from lcnn_timm.models._pretrained import FASHION_MNIST_LABEL_NAMES
+
+    torch.manual_seed(0)
+    model = timm.create_model('lcnn_resnet18.fmnist', img_size=8).eval()  # 8x8 keeps the SN power iterations cheap
+    save_file(model.state_dict(), tmp_path / 'model.safetensors')
+    out = tmp_path / 'repo'
+    assert push_main([str(tmp_path / 'model.safetensors'), '--model', 'lcnn_resnet18.fmnist', '--img-size', '8',
+                      '--repo-id', 'lcnn-test/lcnn_resnet18.fmnist', '--dry-run', '--out', str(out)]) == 0
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['architecture'] == 'lcnn_resnet18' and cfg['pretrained_cfg']['tag'] == 'fmnist'
+    assert cfg['label_names'] == list(FASHION_MNIST_LABEL_NAMES) and cfg['pretrained_cfg']['input_size'] == [1, 8, 8]
+    assert cfg['lcnn_timm']['curvature_bound'] == curvature_upper_bound(model)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(_output(load_pretrained(f'local-dir:{out}'), x), _output(model, x))

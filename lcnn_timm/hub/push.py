@@ -209,11 +209,12 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         raise HubError(f'{str(path)!r} is corrupt or truncated ({e}); re-run `lcnn-timm push` or re-download it.') from e
 
 
-def verify_repo_folder(folder: Union[str, Path]) -> Dict[str, Any]:
-    """Check a timm-layout repository folder before timm loads it; return its config.json.
+def verify_repo_folder(folder: Union[str, Path], model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Check a timm-layout repository folder; return its config.json.
 
     Raises HubError for a missing/invalid config.json, an architecture that is not registered, and a
-    missing, corrupt, truncated or mismatching ``model.safetensors``.
+    missing, corrupt, truncated or mismatching ``model.safetensors``. The weights are checked against
+    ``model`` when given, else against the architecture built from config.json.
     """
     folder = Path(folder)
     cfg = _read_config(folder)
@@ -221,9 +222,10 @@ def verify_repo_folder(folder: Union[str, Path]) -> Dict[str, Any]:
     if not timm.is_model(arch):
         raise HubError(f'{str(folder / CONFIG_NAME)!r} names an unknown model: {_registry_hint(arch)}')
     state_dict = _read_safetensors(folder / WEIGHTS_NAME)
-    model_args = dict(cfg.get('model_args') or {})
-    model_args.setdefault('num_classes', cfg.get('num_classes'))
-    model = timm.create_model(arch, pretrained=False, **{k: v for k, v in model_args.items() if v is not None})
+    if model is None:
+        model_args = dict(cfg.get('model_args') or {})
+        model_args.setdefault('num_classes', cfg.get('num_classes'))
+        model = timm.create_model(arch, pretrained=False, **{k: v for k, v in model_args.items() if v is not None})
     check_state_dict(model, state_dict, str(folder / WEIGHTS_NAME))
     return cfg
 
@@ -247,13 +249,20 @@ def _repo_folder(model_name: str) -> Path:
 
 
 def load_pretrained(model_name: str, **kwargs: Any) -> torch.nn.Module:
-    """``timm.create_model(model_name, pretrained=True)`` after checking the repository it loads from.
+    """``timm.create_model(model_name, pretrained=True)``, with a clear HubError when the repository is bad.
 
-    ``model_name`` is ``hf-hub:ORG/REPO``, ``local-dir:DIR`` or a registered ``arch.tag`` with an ``hf_hub_id``;
-    a bad repository raises HubError with its cause instead of a deep timm/safetensors traceback.
+    ``model_name`` is ``hf-hub:ORG/REPO``, ``local-dir:DIR`` or a registered ``arch.tag`` with an ``hf_hub_id``.
+    The repository is only examined when timm fails (a good one is loaded once, by timm's own code path);
+    a corrupt or truncated weights file, an unregistered architecture or weights of another architecture
+    then raise HubError naming the cause instead of timm's/safetensors' traceback.
     """
+    try:
+        return timm.create_model(model_name, pretrained=True, **kwargs)
+    except Exception as error:
+        failure = error
+    # outside the except block, so a HubError does not drag timm's traceback along as its context
     verify_repo_folder(_repo_folder(model_name))
-    return timm.create_model(model_name, pretrained=True, **kwargs)
+    raise failure
 
 
 def resolve_token(token: Optional[str] = None) -> str:
@@ -322,7 +331,7 @@ def push_checkpoint(
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
         write_repo_folder(model, folder, repo_id=repo_id, results=results, train_config=train_config,
                           label_names=label_names, license=license)
-        verify_repo_folder(folder)
+        verify_repo_folder(folder, model)
         if dry_run:
             return None
         return upload_repo_folder(folder, repo_id, token=token, private=private, revision=revision,
