@@ -52,7 +52,7 @@ def load_parquet_split(directory: str, split: str, image_key: str, label_key: st
         table = pq.read_table(file)
         _check_columns(table.column_names, image_key, label_key, str(file))
         images.append(decode_images(table.column(image_key).to_pylist()))
-        labels.append(torch.as_tensor(table.column(label_key).to_numpy(), dtype=torch.int64))
+        labels.append(torch.tensor(table.column(label_key).to_pylist(), dtype=torch.int64))
     return torch.cat(images), torch.cat(labels)
 
 

@@ -50,6 +50,11 @@ def frozen_state(model: nn.Module, batchnorm_stats: bool = True) -> Iterator[Non
             m.momentum = value
 
 
+def _squared_sum(t: torch.Tensor) -> torch.Tensor:
+    """``sum(t ** 2)`` accumulated in at least float32 (input gradients may be bf16 under autocast)."""
+    return t.pow(2).sum(dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
@@ -61,7 +66,7 @@ def gradreg_exact(loss: torch.Tensor, inputs: torch.Tensor, scale: float = 1e5) 
     The reference scaling makes it ``scale / B^2 * mean_i ||grad_x loss_i||^2``.
     """
     (grad,) = torch.autograd.grad(loss, inputs, create_graph=True)
-    return grad.float().pow(2).sum() * (scale / inputs.shape[0])
+    return _squared_sum(grad) * (scale / inputs.shape[0])
 
 
 def gradreg_finite_difference(
@@ -85,11 +90,11 @@ def gradreg_finite_difference(
     (grad,) = torch.autograd.grad(loss, inputs, retain_graph=True)
     grad = grad.detach()
     batch = inputs.shape[0]
-    norm = grad.float().norm()
-    value = grad.float().pow(2).sum() * (scale / batch)
-    if norm == 0:
+    squared = _squared_sum(grad)
+    value = squared * (scale / batch)
+    if squared == 0:
         return value
-    h = step * batch ** 0.5 / norm
+    h = step * batch ** 0.5 / squared.sqrt()
     surrogate = (loss_fn(inputs.detach() + h * grad) - loss) * (2.0 / h)
     return value + (surrogate - surrogate.detach()) * (scale / batch)
 
@@ -111,7 +116,7 @@ def cure_penalty(
     direction = direction / _per_example_norm(direction).clamp_min(1e-12) * step
     shifted = (inputs.detach() + direction).requires_grad_(True)
     (grad_shifted,) = torch.autograd.grad(loss_fn(shifted), shifted, create_graph=True)
-    return (grad_shifted - grad).float().pow(2).sum() * (scale / inputs.shape[0])
+    return _squared_sum(grad_shifted - grad) * (scale / inputs.shape[0])
 
 
 def pgd_l2(
