@@ -56,10 +56,10 @@ def test_matches_exact_hessian_per_example(make_model):
     model = make_model()
     x, y = batch()
     est = estimate_curvature(model, x, y, iterations=300, tol=1e-9, generator=torch.Generator().manual_seed(0))
-    grad_norm, hessian_norm = exact(model, x, y)
-    torch.testing.assert_close(est.grad_norm, grad_norm, rtol=1e-9, atol=0)
+    gradient_norm, hessian_norm = exact(model, x, y)
+    torch.testing.assert_close(est.gradient_norm, gradient_norm, rtol=1e-9, atol=0)
     assert ((est.hessian_norm - hessian_norm).abs() / hessian_norm).max() < 0.01
-    torch.testing.assert_close(est.curvature, est.hessian_norm / (grad_norm + 1e-6))
+    torch.testing.assert_close(est.curvature, est.hessian_norm / (gradient_norm + 1e-6))
     assert (est.iterations < 300).any(), "early stopping never triggered"
 
 
@@ -73,7 +73,7 @@ def test_batch_examples_do_not_leak():
     assert not torch.allclose(before.eigenvalue[1], after.eigenvalue[1])
     for i in (0, 2):
         torch.testing.assert_close(before.eigenvalue[i], after.eigenvalue[i], rtol=1e-12, atol=0)
-        torch.testing.assert_close(before.grad_norm[i], after.grad_norm[i], rtol=1e-12, atol=0)
+        torch.testing.assert_close(before.gradient_norm[i], after.gradient_norm[i], rtol=1e-12, atol=0)
 
 
 def test_early_stopping_keeps_answers():
@@ -107,7 +107,7 @@ def test_statistics_over_loader():
     assert per_example["curvature"].shape == (5,)
     assert stats["curvature"]["mean"] == pytest.approx(per_example["curvature"].mean().item())
     assert stats["curvature"]["median"] == pytest.approx(per_example["curvature"].median().item())
-    assert stats["grad_norm"]["p5"] <= stats["grad_norm"]["p95"]
+    assert stats["gradient_norm"]["p5"] <= stats["gradient_norm"]["p95"]
 
 
 def test_gradient_stability_is_first_order_hessian_action():

@@ -28,6 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "batches_on_device",
+    "model_device",
     "CurvatureEstimate",
     "CurvatureNotMeaningfulWarning",
     "PIECEWISE_LINEAR_ACTIVATIONS",
@@ -63,7 +65,7 @@ class CurvatureEstimate:
     value, ``iterations`` the power-iteration steps each example used.
     """
 
-    grad_norm: torch.Tensor
+    gradient_norm: torch.Tensor
     hessian_norm: torch.Tensor
     eigenvalue: torch.Tensor
     curvature: torch.Tensor
@@ -176,7 +178,7 @@ def estimate_curvature(
     tiny = torch.finfo(x.dtype).tiny
     with frozen_parameters(model):
         grad, leaf = input_gradient(model, x, y, create_graph=True)
-        grad_norm = _per_example_norm(grad.detach())
+        gradient_norm = _per_example_norm(grad.detach())
         rows = active.clone()  # positions of the active examples inside the current graph
         for step in range(iterations + 1):
             v = torch.zeros_like(leaf) if rows.numel() < leaf.shape[0] else None
@@ -204,10 +206,10 @@ def estimate_curvature(
             previous = lam.detach()
     hessian_norm = eigenvalue.abs()
     return CurvatureEstimate(
-        grad_norm=grad_norm,
+        gradient_norm=gradient_norm,
         hessian_norm=hessian_norm,
         eigenvalue=eigenvalue,
-        curvature=hessian_norm / (grad_norm + eps),
+        curvature=hessian_norm / (gradient_norm + eps),
         iterations=steps,
     )
 
@@ -259,9 +261,10 @@ def summarize(values: torch.Tensor, percentiles: Sequence[float] = DEFAULT_PERCE
     return stats
 
 
-def _batches(
-        loader: Iterable, max_examples: Optional[int], device: torch.device, desc: str, progress: bool,
+def batches_on_device(
+        loader: Iterable, max_examples: Optional[int], device: torch.device, desc: str, progress: bool = True,
 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches of ``loader`` moved to ``device``, cut at ``max_examples``, with a tqdm bar."""
     total = max_examples if max_examples is not None else _length(loader)
     seen = 0
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
@@ -280,7 +283,8 @@ def _length(loader: Iterable) -> Optional[int]:
     return len(dataset) if dataset is not None else None
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a stateless model)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -298,7 +302,7 @@ def curvature_statistics(
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, float]]]:
     """Curvature over a dataset: ``(per_example, statistics)``.
 
-    ``per_example`` maps ``grad_norm``, ``hessian_norm``, ``curvature`` and
+    ``per_example`` maps ``gradient_norm``, ``hessian_norm``, ``curvature`` and
     ``iterations`` to 1-D tensors over the examples; ``statistics`` maps the first
     three to :func:`summarize` dicts. ``loader`` yields ``(x, y)`` batches; at most
     ``max_examples`` are used. Warns (:class:`CurvatureNotMeaningfulWarning`) for
@@ -306,16 +310,16 @@ def curvature_statistics(
     """
     warn_if_piecewise_linear(model)
     generator = torch.Generator().manual_seed(seed)
-    device = _model_device(model)
-    parts: Dict[str, List[torch.Tensor]] = {"grad_norm": [], "hessian_norm": [], "curvature": [], "iterations": []}
-    for x, y in _batches(loader, max_examples, device, "curvature", progress):
+    device = model_device(model)
+    parts: Dict[str, List[torch.Tensor]] = {"gradient_norm": [], "hessian_norm": [], "curvature": [], "iterations": []}
+    for x, y in batches_on_device(loader, max_examples, device, "curvature", progress):
         est = estimate_curvature(model, x, y, iterations=iterations, eps=eps, tol=tol, generator=generator)
         for key, values in parts.items():
             values.append(getattr(est, key).detach().cpu())
     if not parts["curvature"]:
         raise ValueError("curvature_statistics: the loader yielded no examples")
     per_example = {key: torch.cat(values) for key, values in parts.items()}
-    stats = {key: summarize(per_example[key]) for key in ("grad_norm", "hessian_norm", "curvature")}
+    stats = {key: summarize(per_example[key]) for key in ("gradient_norm", "hessian_norm", "curvature")}
     return per_example, stats
 
 
@@ -330,9 +334,9 @@ def gradient_stability_statistics(
 ) -> List[Dict[str, float]]:
     """:func:`gradient_stability` over a dataset: one :func:`summarize` dict per noise level."""
     generator = torch.Generator().manual_seed(seed)
-    device = _model_device(model)
+    device = model_device(model)
     parts = []
-    for x, y in _batches(loader, max_examples, device, "gradient stability", progress):
+    for x, y in batches_on_device(loader, max_examples, device, "gradient stability", progress):
         parts.append(gradient_stability(model, x, y, noise_levels, samples, generator).cpu())
     if not parts:
         raise ValueError("gradient_stability_statistics: the loader yielded no examples")
