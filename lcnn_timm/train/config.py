@@ -106,6 +106,7 @@ class TrainConfig:
     adv_steps: int = 3
     adv_true_labels: bool = False
     crop_padding: int = 4
+    ddp_find_unused_parameters: bool = False
     plot: bool = True
     progress: bool = True
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import distribute_bn
 from timm.utils.model import unwrap_model
 from torch import nn
 from tqdm import tqdm
@@ -162,7 +163,7 @@ class Trainer:
             self.task.compile(backend=cfg.torchcompile)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.task.prepare_distributed(device_ids=ids)
+            self.task.prepare_distributed(device_ids=ids, find_unused_parameters=cfg.ddp_find_unused_parameters)
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
@@ -294,6 +295,10 @@ class Trainer:
         row["images_per_s"] = self.train_loader.num_samples * self.world_size / max(self.epoch_seconds, 1e-9)
         row["epoch_seconds"] = self.epoch_seconds
         last = self.epoch + 1 == cfg.epochs
+        if self.world_size > 1:  # ranks saw different batches: average their BN statistics (timm's dist_bn reduce)
+            for ema in (False, True):
+                if self.task.get_trainable_module(ema=ema) is not None:
+                    distribute_bn(self.task.get_trainable_module(ema=ema), self.world_size, reduce=True)
         if (self.epoch + 1) % cfg.val_interval == 0 or last:
             val = self.evaluate(self.val_loader)
             row.update(val_acc=val["acc"], val_loss=val["loss"])

@@ -1,0 +1,128 @@
+"""The trainer end to end on a tiny registered model and a synthetic IDX dataset: outputs, resume after SIGKILL, NaN stop, config errors."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcnn_timm.train.config import load_config, parse_overrides
+
+RUNNER = Path(__file__).parent / "train_runner.py"
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """96 train / 32 test 8x8 images whose class (0..2) is a bright column band."""
+    directory = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        labels = rng.integers(0, 3, n)
+        images = rng.integers(0, 60, (n, 8, 8))
+        for i, label in enumerate(labels):
+            images[i, :, 2 * label: 2 * label + 3] += 150
+        _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def _args(idx_dir, output, *extra):
+    return ["--model", "test_tiny_lcnn", "--model-kwargs", "{img_size: 8}", "--dataset", "fashion_mnist",
+            "--data-dir", str(idx_dir), "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--sched", "multistep",
+            "--decay-milestones", "[2]", "--beta-weight", "1e-3", "--gamma-weight", "1e-3", "--gradreg-weight",
+            "1e-3", "--recovery-interval", "2", "--output", str(output), "--progress", "false", *extra]
+
+
+def _run(args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, str(RUNNER), *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_outputs_metrics_plots_and_final_eval(idx_dir, tmp_path):
+    proc = _run(_args(idx_dir, tmp_path, "--amp", "--channels-last", "--model-ema"))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    for key in ("loss", "loss_ce", "loss_curvature", "loss_gradreg", "beta_sum", "abs_log_gamma_sum", "gradreg",
+                "train_acc", "val_acc", "mean_beta", "mean_gamma", "lr", "images_per_s"):
+        assert all(key in row for row in rows), key
+    assert rows[-1]["lr"] == pytest.approx(0.005)  # x0.1 at the milestone
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    for name in ("losses", "penalties", "accuracy", "beta_gamma", "lr", "images_per_s"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    final = json.loads((tmp_path / "final_eval.json").read_text())
+    assert 0.0 <= final["test_acc"] <= 1.0 and "test_ema_acc" in final
+    last = json.loads((tmp_path / "last.json").read_text())
+    weights = load_file(str(tmp_path / f"{last['checkpoint']}.safetensors"))
+    final_weights = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(weights[k], final_weights[k]) for k in weights)
+
+
+def test_sigkill_then_resume_reaches_the_uninterrupted_weights(idx_dir, tmp_path):
+    reference = _run(_args(idx_dir, tmp_path / "ref"))
+    assert reference.wait(timeout=120) == 0, reference.stdout.read()
+    killed_dir = tmp_path / "killed"
+    victim = _run(_args(idx_dir, killed_dir), env={"LCNN_TEST_STEP_DELAY": "0.05"})
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill once a mid-training checkpoint of the second epoch exists
+        pointer = killed_dir / "last.json"
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 8:
+            break
+        time.sleep(0.02)
+    time.sleep(0.07)  # land inside a step, after the checkpoint
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    step = json.loads((killed_dir / "last.json").read_text())["step"]
+    assert 8 <= step < 18 and not (killed_dir / "model.safetensors").exists()
+    resumed = _run(_args(idx_dir, killed_dir, "--resume"))
+    output, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0 and "resumed from" in output, output
+    expected = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    got = load_file(str(killed_dir / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(idx_dir, tmp_path):
+    proc = _run(_args(idx_dir, tmp_path, "--recovery-interval", "0"), env={"LCNN_TEST_NAN_AT_STEP": "8"})
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, output
+    assert "non-finite at epoch 1, batch 2" in output and "last good checkpoint" in output
+    pointer = json.loads((tmp_path / "last.json").read_text())
+    assert pointer["step"] == 6  # the end-of-epoch-0 checkpoint; the bad step was never applied or saved
+    weights = load_file(str(tmp_path / f"{pointer['checkpoint']}.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: lcnn_resnet18\nwieght_decay: 5.0e-4\n")
+    with pytest.raises(ValueError, match="'wieght_decay'.*weight_decay"):
+        load_config(str(config))
+    with pytest.raises(ValueError, match="'lr' expects float"):
+        load_config(None, {"lr": "fast"})
+    cfg = load_config(None, parse_overrides(["--beta-weight", "1e-3", "--amp", "--color-jitter", "0.4", "--resume"]))
+    assert cfg.beta_weight == 1e-3 and cfg.amp and cfg.resume == "auto"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_config(str(path))
+    assert cfg.model and cfg.epochs >= 1
