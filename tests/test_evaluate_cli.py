@@ -1,0 +1,169 @@
+import hashlib
+import json
+import os
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from timm.models import is_model, register_model
+from torch import nn
+
+from lcnn_timm.cli import main as lcnn_main
+from lcnn_timm.curvature import estimate_curvature
+from lcnn_timm.evaluation import create_eval_model, load_eval_data
+from lcnn_timm.evaluation.cli import main
+from lcnn_timm.layers import CenteredSoftplus
+
+
+def tiny_net(act, in_chans=3, num_classes=4, width=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), act(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, num_classes),
+    )
+    model.num_classes = num_classes
+    model.pretrained_cfg = {"input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans, "std": (0.25,) * in_chans}
+    return model
+
+
+if not is_model("evaltest_tiny_softplus"):
+    @register_model
+    def evaltest_tiny_softplus(pretrained=False, num_classes=4, in_chans=3, width=4, **kwargs):
+        return tiny_net(lambda: CenteredSoftplus(4.0), in_chans, num_classes, width)
+
+    @register_model
+    def evaltest_tiny_relu(pretrained=False, num_classes=4, in_chans=3, **kwargs):
+        return tiny_net(nn.ReLU, in_chans, num_classes)
+
+
+FAST = ["--count", "12", "--batch-size", "6", "--curvature-iterations", "3", "--pgd-steps", "2", "--no-progress"]
+
+
+def run(tmp_path, *args):
+    out = tmp_path / "results.json"
+    code = main([*args, "--out", str(out), *FAST])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_full_run_writes_self_describing_results(tmp_path, capsys):
+    out = tmp_path / "sub" / "results.json"
+    code = lcnn_main(["evaluate", "evaltest_tiny_softplus", "--dataset", "synthetic", "--out", str(out), *FAST])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["schema_version"] == 1
+    assert results["dataset"]["name"] == "synthetic" and results["dataset"]["count"] == 12
+    assert results["model"]["name"] == "evaltest_tiny_softplus"
+    assert results["model"]["input_normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert {"torch", "timm", "lcnn_timm"} <= set(results["environment"])
+    metrics = results["metrics"]
+    assert list(metrics) == ["accuracy", "curvature", "pgd", "gradient_stability"]
+
+    # numbers agree with a direct computation on the same data
+    model = create_eval_model("evaltest_tiny_softplus")
+    data = load_eval_data("synthetic", count=12, batch_size=12, input_size=(3, 8, 8), num_classes=4)
+    x, y = next(iter(data.loader))
+    assert metrics["accuracy"]["value"] == pytest.approx(100 * (model(x).argmax(1) == y).float().mean().item())
+    direct = estimate_curvature(model, x, y, iterations=3, generator=torch.Generator().manual_seed(0))
+    curv = metrics["curvature"]
+    assert curv["meaningful"] and curv["iterations"] == 3 and curv["count"] == 12
+    assert curv["gradient_norm"]["mean"] == pytest.approx(direct.gradient_norm.mean().item(), rel=1e-5)
+    assert curv["curvature"]["median"] > 0
+    assert (tmp_path / "sub" / curv["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert [r["eps"] for r in metrics["pgd"]] == [0.05, 0.1, 0.15, 0.2]
+    for r in metrics["pgd"]:
+        assert r["norm"] == "l2" and r["steps"] == 2 and r["step_size"] == pytest.approx(2.5 * r["eps"] / 2)
+        assert r["accuracy"] <= metrics["accuracy"]["value"]
+    levels = metrics["gradient_stability"]["levels"]
+    assert [lv["noise"] for lv in levels] == [1e-3, 1e-2, 1e-1]
+    assert levels[0]["mean"] < levels[-1]["mean"]
+    assert "L2 sphere" in metrics["gradient_stability"]["noise_distribution"]
+
+    table = capsys.readouterr().out
+    assert "clean accuracy" in table and "PGD l2 eps=0.2" in table
+
+
+def test_results_feed_model_cards(tmp_path):
+    card = pytest.importorskip("lcnn_timm.hub.card")
+    code, results = run(tmp_path, "evaltest_tiny_softplus", "--dataset", "synthetic", "--metrics", "accuracy,curvature,pgd")
+    assert code == 0
+    names = [m.name for m in card.metrics_from_results(results)]
+    assert names[0].startswith("Clean top-1") and len(names) == 1 + 3 + 4
+
+
+def test_checkpoint_is_loaded_and_hashed(tmp_path):
+    model = timm.create_model("evaltest_tiny_softplus")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    code, results = run(tmp_path, "evaltest_tiny_softplus", "--checkpoint", str(path), "--dataset", "synthetic",
+                        "--metrics", "accuracy")
+    assert code == 0
+    assert results["model"]["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    wrapped = create_eval_model("evaltest_tiny_softplus", checkpoint=str(path))
+    x, y = next(iter(load_eval_data("synthetic", count=12, batch_size=12, input_size=(3, 8, 8), num_classes=4).loader))
+    assert results["metrics"]["accuracy"]["correct"] == (wrapped(x).argmax(1) == y).sum().item()
+
+
+def test_mismatched_checkpoint_lists_keys(tmp_path, capsys):
+    other = timm.create_model("evaltest_tiny_softplus")
+    state = {"extra.weight": torch.zeros(1), **{k: v for k, v in other.state_dict().items() if not k.startswith("5.")}}
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    code, _ = run(tmp_path, "evaltest_tiny_softplus", "--checkpoint", str(path), "--dataset", "synthetic")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing keys: 5.weight, 5.bias" in err and "unexpected keys: extra.weight" in err
+
+
+def test_wrong_shape_checkpoint_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "wide.safetensors"
+    safetensors.torch.save_file(timm.create_model("evaltest_tiny_softplus", width=6).state_dict(), str(path))
+    code, _ = run(tmp_path, "evaltest_tiny_softplus", "--checkpoint", str(path), "--dataset", "synthetic")
+    assert code == 2 and "does not match the model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--metrics", "accuracy,hessian"], "valid metrics: accuracy, curvature, pgd, gradient_stability"),
+    (["--dataset", "imagenet-ish"], "valid: cifar10, cifar100, fashion_mnist, synthetic"),
+    (["--model-kwargs", "num_classes"], "key=value"),
+])
+def test_bad_input_names_the_valid_options(tmp_path, capsys, args, expected):
+    argv = ["evaltest_tiny_softplus"] + ([] if "--dataset" in args else ["--dataset", "synthetic"])
+    code, _ = run(tmp_path, *argv, *args)
+    assert code == 2 and expected in capsys.readouterr().err
+
+
+def test_unknown_model_is_named(tmp_path, capsys):
+    code, _ = run(tmp_path, "evaltest_no_such_model", "--dataset", "synthetic")
+    assert code == 2 and "unknown timm model" in capsys.readouterr().err
+
+
+def test_relu_model_reports_curvature_as_not_meaningful(tmp_path, capsys):
+    with pytest.warns(UserWarning, match="piecewise-linear"):
+        code, results = run(tmp_path, "evaltest_tiny_relu", "--dataset", "synthetic", "--metrics", "curvature")
+    assert code == 0
+    curv = results["metrics"]["curvature"]
+    assert curv["meaningful"] is False and "piecewise-linear" in curv["warning"]
+    assert "curvature" not in curv and "hessian_norm" not in curv
+    assert "not meaningful" in capsys.readouterr().out
+    assert not (tmp_path / "results_curvature_hist.png").exists()
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST IDX files not present")
+def test_real_dataset_through_the_data_package(tmp_path, capsys):
+    code, results = run(tmp_path, "evaltest_tiny_softplus", "--model-kwargs", "in_chans=1", "num_classes=10",
+                        "--dataset", "fashion_mnist:test", "--data-dir", FASHION, "--metrics", "accuracy")
+    assert code == 0
+    assert results["dataset"] == {**results["dataset"], "name": "fashion_mnist", "split": "test", "count": 12,
+                                  "total": 10000}
+    assert results["model"]["model_kwargs"] == {"in_chans": 1, "num_classes": 10}
+    code, _ = run(tmp_path, "evaltest_tiny_softplus", "--model-kwargs", "in_chans=1",
+                  "--dataset", "fashion_mnist", "--data-dir", FASHION, "--metrics", "accuracy")
+    assert code == 2 and "num_classes" in capsys.readouterr().err
