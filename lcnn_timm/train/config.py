@@ -107,6 +107,7 @@ class TrainConfig:
     adv_true_labels: bool = False
     crop_padding: int = 4
     ddp_find_unused_parameters: bool = False
+    precise_bn_batches: int = 0
     plot: bool = True
     progress: bool = True
 

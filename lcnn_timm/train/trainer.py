@@ -30,6 +30,7 @@ from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
+from .regularizers import frozen_state
 from .task import AdversarialConfig, LCNNTask
 
 __all__ = ["NonFiniteLossError", "Trainer", "param_groups", "train"]
@@ -314,11 +315,39 @@ class Trainer:
             tqdm.write(f"epoch {row['epoch']}: {summary}")
         self.save()
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: int) -> None:
+        """"Precise BN": replace running statistics by their plain average over ``batches`` training batches.
+
+        Short runs end with running statistics that lag the fast-moving early
+        weights (eval accuracy far below train-mode accuracy); long runs do not need it.
+        """
+        model = unwrap_model(self.model)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        self.train_loader.set_epoch(self.cfg.epochs)
+        with frozen_state(model, batchnorm_stats=False):
+            for index, (images, _) in enumerate(self.train_loader):
+                if index == batches:
+                    break
+                with self.autocast():
+                    model(images)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        if self.world_size > 1:
+            distribute_bn(model, self.world_size, reduce=True)
+
     def fit(self) -> Dict[str, float]:
         """Train to ``epochs``, evaluate clean test accuracy, write final weights and ``final_eval.json``."""
         while self.epoch < self.cfg.epochs:
             self.train_epoch()
             self._end_epoch()
+        if self.cfg.precise_bn_batches:
+            self.recalibrate_batchnorm(self.cfg.precise_bn_batches)
         result = {"model": self.cfg.model, "dataset": self.cfg.dataset, "split": self.cfg.val_split,
                   "epochs": self.cfg.epochs}
         full_val = self._eval_loader(*self.full_val)
