@@ -127,7 +127,7 @@ def test_wrong_shape_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--metrics", "accuracy,hessian"], "valid metrics: accuracy, curvature, pgd, gradient_stability"),
+    (["--metrics", "accuracy,hessian"], "valid metrics: accuracy, curvature, pgd, autoattack, gradient_stability"),
     (["--dataset", "imagenet-ish"], "valid: cifar10, cifar100, fashion_mnist, synthetic"),
     (["--model-kwargs", "num_classes"], "key=value"),
 ])
@@ -167,3 +167,13 @@ def test_real_dataset_through_the_data_package(tmp_path, capsys):
     code, _ = run(tmp_path, "evaltest_tiny_softplus", "--model-kwargs", "in_chans=1",
                   "--dataset", "fashion_mnist", "--data-dir", FASHION, "--metrics", "accuracy")
     assert code == 2 and "num_classes" in capsys.readouterr().err
+
+
+def test_autoattack_without_its_package_says_what_to_install(tmp_path, capsys):
+    try:
+        import pyautoattack  # noqa: F401
+        pytest.skip("pyautoattack is installed")
+    except ImportError:
+        pass
+    code, _ = run(tmp_path, "evaltest_tiny_softplus", "--dataset", "synthetic", "--metrics", "autoattack")
+    assert code == 2 and "pip install pyautoattack" in capsys.readouterr().err

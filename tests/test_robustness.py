@@ -79,3 +79,18 @@ def test_bad_arguments_are_named(trained):
     with pytest.raises(ValueError, match="eval mode"):
         pgd_attack(trained.train(), x, y, 0.1)
     trained.eval()
+
+
+@pytest.mark.slow  # the full standard ensemble (FAB, Square) takes minutes on a shared CPU
+def test_autoattack_breaks_an_undefended_model():
+    pytest.importorskip("pyautoattack")
+    from lcnn_timm.robustness import autoattack_accuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(), nn.Linear(16, 10)).eval()  # APGD-T targets 9 classes
+    x = torch.rand(16, 1, 8, 8)
+    y = model(x).argmax(1)  # clean accuracy 100 %
+    result = adversarial_accuracy(model, [(x, y)], eps=0.5, steps=10, progress=False)
+    auto = autoattack_accuracy(model, [(x, y)], eps=0.5, progress=False)
+    assert auto["count"] == 16 and auto["accuracy"] <= result["accuracy"] + 100 / 16
+    assert auto["accuracy"] < 100

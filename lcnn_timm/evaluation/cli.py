@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from .datasets import EvalData, load_eval_data
-from .metrics import METRICS, MetricOptions, run_metric
+from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
 from .plots import curvature_histogram
 from .results import environment, new_results, write_results
@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--count", type=int, help="evaluate the first N examples")
     size.add_argument("--fraction", type=float, help="evaluate the first fraction F of the examples")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from: {', '.join(METRICS)}")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated, from: {', '.join(METRICS)} (default: {','.join(DEFAULT_METRICS)})")
     p.add_argument("--out", required=True, help="results.json path (the histogram PNG goes beside it)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature-eps", type=float, default=1e-6, help="eps in C = ||H|| / (||g|| + eps)")
     p.add_argument("--curvature-tol", type=float, default=0.0,
                    help="stop an example once its eigenvalue estimate changes by <= tol relative (0: never)")
-    p.add_argument("--pgd-norm", choices=("l2", "linf"), default="l2")
-    p.add_argument("--pgd-eps", type=_floats, default=(0.05, 0.1, 0.15, 0.2))
+    p.add_argument("--pgd-norm", choices=("l2", "linf"), default="l2", help="norm of PGD and AutoAttack")
+    p.add_argument("--pgd-eps", type=_floats, default=(0.05, 0.1, 0.15, 0.2), help="radii of PGD and AutoAttack")
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--pgd-relative-step", type=float, default=2.5, help="step size = this * eps / steps")
     p.add_argument("--pgd-restarts", type=int, default=1)
@@ -122,6 +123,8 @@ def _rows(metrics: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     for r in metrics.get("pgd", []):
         rows.append((f"PGD {r['norm']} eps={r['eps']:g} (%)", f"{r['accuracy']:.2f}",
                      f"{r['count']} images, {r['steps']} steps of {r['step_size']:.4g}, {r['restarts']} restart(s)"))
+    for r in metrics.get("autoattack", []):
+        rows.append((f"AutoAttack {r['norm']} eps={r['eps']:g} (%)", f"{r['accuracy']:.2f}", f"{r['count']} images"))
     for level in metrics.get("gradient_stability", {}).get("levels", []):
         predicted = f", predicted {level['predicted']:.3g}" if "predicted" in level else ""
         rows.append((f"grad change, noise {level['noise']:g}", f"{level['mean']:.4g}",

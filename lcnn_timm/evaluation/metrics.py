@@ -16,10 +16,11 @@ from ..curvature.estimator import (
     model_device,
     warn_if_piecewise_linear,
 )
+from ..robustness.autoattack import autoattack_accuracy
 from ..robustness.pgd import DEFAULT_L2_EPS, pgd_sweep
 from .datasets import EvalData
 
-__all__ = ["METRICS", "MetricOptions", "run_metric"]
+__all__ = ["DEFAULT_METRICS", "METRICS", "MetricOptions", "run_metric"]
 
 CURVATURE_FUNCTION = "per-example cross-entropy at the true label, eval mode, derivatives w.r.t. [0, 1] pixels"
 NOISE_DISTRIBUTION = (
@@ -81,6 +82,12 @@ def pgd(model: nn.Module, data: EvalData, opts: MetricOptions) -> List[Dict[str,
     )
 
 
+def autoattack(model: nn.Module, data: EvalData, opts: MetricOptions) -> List[Dict[str, Any]]:
+    """Standard AutoAttack at the PGD sweep's norm and eps values (needs the optional pyautoattack)."""
+    return [autoattack_accuracy(model, data.loader, eps, opts.pgd_norm, seed=opts.seed, progress=opts.progress)
+            for eps in opts.pgd_eps]
+
+
 def gradient_stability(model: nn.Module, data: EvalData, opts: MetricOptions) -> Dict[str, Any]:
     levels = gradient_stability_statistics(
         model, data.loader, opts.noise_levels, opts.noise_samples, opts.seed, progress=opts.progress,
@@ -101,8 +108,10 @@ METRICS: Dict[str, Callable[[nn.Module, EvalData, MetricOptions], Any]] = {
     "accuracy": accuracy,
     "curvature": curvature,
     "pgd": pgd,
+    "autoattack": autoattack,
     "gradient_stability": gradient_stability,
 }
+DEFAULT_METRICS = ("accuracy", "curvature", "pgd", "gradient_stability")  # AutoAttack is slow and optional
 
 
 def run_metric(name: str, model: nn.Module, data: EvalData, opts: MetricOptions) -> Any:
