@@ -73,7 +73,7 @@ def ours(tol):
 
 def bench(name, model, x, y, iterations, methods, repeats):
     print(f"\n{name}: {x.shape[0]} images {tuple(x.shape[1:])}, {iterations} iterations, "
-          f"{torch.get_num_threads()} threads, best of {repeats}")
+          f"{torch.get_num_threads()} threads, best of {repeats}", flush=True)
     times, answers = {}, {}
     for _ in range(repeats):  # interleaved, so load changes on a shared CPU hit every method alike
         for label, fn in methods.items():
@@ -84,7 +84,7 @@ def bench(name, model, x, y, iterations, methods, repeats):
     for label in methods:
         diff = ((answers[label] - answers[base]).abs() / answers[base]).max().item()
         print(f"  {label:<40} {times[label]:7.2f} s   x{times[base] / times[label]:.2f}   "
-              f"max rel. diff of ||H|| {diff:.1e}")
+              f"max rel. diff of ||H|| {diff:.1e}", flush=True)
 
 
 def main() -> None:

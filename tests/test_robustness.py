@@ -90,7 +90,7 @@ def test_autoattack_breaks_an_undefended_model():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(), nn.Linear(16, 10)).eval()  # APGD-T targets 9 classes
     x = torch.rand(16, 1, 8, 8)
     y = model(x).argmax(1)  # clean accuracy 100 %
-    result = adversarial_accuracy(model, [(x, y)], eps=0.5, steps=10, progress=False)
-    auto = autoattack_accuracy(model, [(x, y)], eps=0.5, progress=False)
+    result = adversarial_accuracy(model, [(x, y)], eps=2.0, steps=10, progress=False)
+    auto = autoattack_accuracy(model, [(x, y)], eps=2.0, progress=False)
     assert auto["count"] == 16 and auto["accuracy"] <= result["accuracy"] + 100 / 16
     assert auto["accuracy"] < 100
