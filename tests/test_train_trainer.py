@@ -1,5 +1,4 @@
 """The trainer end to end on a tiny registered model and a synthetic IDX dataset: outputs, resume after SIGKILL, NaN stop, config errors."""
-import gzip
 import json
 import os
 import signal
@@ -13,15 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_data import _write_idx
+
 from lcnn_timm.train.config import load_config, parse_overrides
 
 RUNNER = Path(__file__).parent / "train_runner.py"
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")

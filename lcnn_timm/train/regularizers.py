@@ -74,7 +74,7 @@ def gradreg_finite_difference(
         inputs: torch.Tensor,
         loss_fn: LossFn,
         scale: float = 1e5,
-        step: float = 1e-2,
+        step: float = 1e-3,
 ) -> torch.Tensor:
     """GradReg with the same value as :func:`gradreg_exact` and a finite-difference parameter gradient.
 

@@ -51,7 +51,7 @@ class LCNNTask(ClassificationTask):
             gradreg_weight: float = 0.0,
             gradreg_mode: str = "exact",
             gradreg_scale: float = 1e5,
-            gradreg_fd_step: float = 1e-2,
+            gradreg_fd_step: float = 1e-3,
             cure_weight: float = 0.0,
             cure_scale: float = 1e3,
             cure_step: float = 1.0,
