@@ -10,12 +10,11 @@ The Hessian spectral norm is ``|lambda|`` of the largest-magnitude eigenvalue,
 found by power iteration on Hessian-vector products with the Rayleigh quotient
 as estimate. HVPs use double backward (build ``g = d sum(f) / dx`` once with a
 graph, then one backward per iteration): on CPU that beats forward-over-reverse
-(``torch.func.jvp`` of the gradient), which redoes the forward every iteration
-(see docs/evaluation.md). Two things make it faster than the plain method:
-parameter gradients are switched off while measuring (the double-backward graph
-otherwise also carries the weight-gradient branches), and examples whose
-Rayleigh quotient has converged stop iterating, the graph being rebuilt on the
-unconverged examples once at least half of them have stopped.
+(``torch.func.jvp`` of the gradient), which redoes the forward every iteration.
+Parameter gradients are switched off while measuring, and examples whose
+Rayleigh quotient has converged can stop early (``tol``), the graph being
+rebuilt on the unconverged examples once at least half of them have stopped.
+Measured gains are small (see docs/evaluation.md).
 """
 import contextlib
 import warnings
