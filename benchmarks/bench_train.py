@@ -65,7 +65,7 @@ def fd_accuracy(model_name, images, labels, step):
 def trainer_vs_bare(batch_size, samples, amp):
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config("configs/fashion_mnist_lcnn.yaml", dict(
-            output=out, train_num_samples=samples, epochs=1, batch_size=batch_size, amp=amp, progress=True,
+            output=out, train_num_samples=samples, epochs=1, batch_size=batch_size, amp=amp,
             plot=False, progress=False))
         trainer = Trainer(cfg)
         trainer.train_epoch()  # warm-up epoch
