@@ -31,8 +31,9 @@ def _centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """
     t = x * beta
     abs_t = t.abs()
-    closed_form = t.clamp_min(0).sub_(torch.sigmoid(abs_t).mul_(2).log_()).div_(beta)
-    taylor = t.mul_(0.125).add_(0.5).mul_(x)
+    # out of place: under torch.compile autograd differentiates this composite and needs t and sigmoid(|t|)
+    closed_form = (t.clamp_min(0) - torch.log(2 * torch.sigmoid(abs_t))) / beta
+    taylor = x * (0.5 + 0.125 * t)
     return torch.where(abs_t < _TAYLOR_RADIUS, taylor, closed_form)
 
 
