@@ -177,3 +177,18 @@ def test_autoattack_without_its_package_says_what_to_install(tmp_path, capsys):
         pass
     code, _ = run(tmp_path, "evaltest_tiny_softplus", "--dataset", "synthetic", "--metrics", "autoattack")
     assert code == 2 and "pip install pyautoattack" in capsys.readouterr().err
+
+
+def test_costly_count_limits_derivative_metrics_only(tmp_path):
+    code, results = run(tmp_path, "evaltest_tiny_softplus", "--dataset", "synthetic", "--costly-count", "5",
+                        "--metrics", "accuracy,curvature,pgd,gradient_stability")
+    assert code == 0
+    metrics = results["metrics"]
+    assert metrics["accuracy"]["count"] == 12 and results["dataset"]["count"] == 12
+    assert metrics["curvature"]["count"] == 5 and metrics["gradient_stability"]["count"] == 5
+    assert {r["count"] for r in metrics["pgd"]} == {5}
+    # measured on the first 5 examples
+    model = create_eval_model("evaltest_tiny_softplus")
+    x, y = next(iter(load_eval_data("synthetic", count=5, batch_size=5, input_size=(3, 8, 8), num_classes=4).loader))
+    direct = estimate_curvature(model, x, y, iterations=3, generator=torch.Generator().manual_seed(0))
+    assert metrics["curvature"]["gradient_norm"]["mean"] == pytest.approx(direct.gradient_norm.mean().item(), rel=1e-5)

@@ -3,10 +3,12 @@ a mocked upload (the only thing mocked), clear errors for broken repositories, c
 import json
 import re
 import shutil
+from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -338,3 +340,29 @@ def test_registry_lcnn_resnet18_round_trip(tmp_path):
     assert cfg['lcnn_timm']['curvature_bound'] == curvature_upper_bound(model)
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(_output(load_pretrained(f'local-dir:{out}'), x), _output(model, x))
+
+
+def _published_tags():
+    import lcnn_timm  # noqa: F401  (registers the models)
+
+    return [name for name in timm.list_pretrained() if (timm.get_pretrained_cfg(name).hf_hub_id or '')
+            .startswith('lcnn-timm/')]
+
+
+@pytest.mark.parametrize('name', _published_tags())
+def test_every_published_tag_has_a_staged_repository_that_loads(name):
+    folder = Path(__file__).resolve().parents[1] / 'hub_cards' / name
+    assert timm.get_pretrained_cfg(name).hf_hub_id == f'lcnn-timm/{name}'
+    assert {'README.md', 'config.json', 'model.safetensors', 'results.json'} <= {p.name for p in folder.iterdir()}
+    staged = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    tagged = timm.create_model(name, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'))).eval()
+    saved = safetensors.torch.load_file(str(folder / 'model.safetensors'))
+    for model in (staged, tagged):
+        assert model.state_dict().keys() == saved.keys()
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    x = torch.rand(4, *tagged.pretrained_cfg['input_size'])
+    with torch.no_grad():
+        assert torch.equal(staged(x), tagged(x))
+    results = json.loads((folder / 'results.json').read_text())
+    assert f"{results['metrics']['accuracy']['value']:.2f}" in (folder / 'README.md').read_text()

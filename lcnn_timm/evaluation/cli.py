@@ -11,7 +11,7 @@ from .datasets import EvalData, load_eval_data
 from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
 from .plots import curvature_histogram
-from .results import environment, new_results, write_results
+from .results import environment, new_results, write_per_example, write_results
 
 __all__ = ["main"]
 
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--count", type=int, help="evaluate the first N examples")
     size.add_argument("--fraction", type=float, help="evaluate the first fraction F of the examples")
+    p.add_argument("--costly-count", type=int, metavar="N",
+                   help="run curvature, PGD, AutoAttack and gradient stability on only the first N of the selected "
+                        "examples (clean accuracy still uses all of them)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from: {', '.join(METRICS)} (default: {','.join(DEFAULT_METRICS)})")
     p.add_argument("--out", required=True, help="results.json path (the histogram PNG goes beside it)")
@@ -98,7 +101,7 @@ def _model_info(args: argparse.Namespace, model: NormalizedModel, kwargs: Dict[s
         "architecture": getattr(inner, "pretrained_cfg", {}).get("architecture"),
         "model_kwargs": kwargs,
         "pretrained": bool(args.pretrained) or args.model.startswith(("hf-hub:", "local-dir:")) and not args.checkpoint,
-        "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
+        "checkpoint": args.checkpoint,  # as given: an absolute path would leak the local file system
         "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None,
         "num_params": sum(p.numel() for p in inner.parameters()),
         "num_classes": getattr(inner, "num_classes", None),
@@ -154,6 +157,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         seed=args.seed,
     )
     _check_compatible(model, data, device)
+    costly_data = data.head(args.costly_count)
     opts = MetricOptions(
         seed=args.seed, curvature_iterations=args.curvature_iterations, curvature_eps=args.curvature_eps,
         curvature_tol=args.curvature_tol, pgd_norm=args.pgd_norm, pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps,
@@ -163,12 +167,14 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     results = new_results(_model_info(args, model, kwargs), data.info, environment(device), args.seed)
     for name in metric_names:
         torch.manual_seed(args.seed)
-        results["metrics"][name] = run_metric(name, model, data, opts)
+        results["metrics"][name] = run_metric(name, model, data if name == "accuracy" else costly_data, opts)
         if name == "curvature" and opts.per_example_curvature is not None:
-            png = os.path.splitext(args.out)[0] + "_curvature_hist.png"
-            curvature_histogram(opts.per_example_curvature, png,
-                                f"{args.model} on {data.info['name']}:{data.info['split']}, {data.count} images")
-            results["metrics"]["curvature"]["histogram"] = os.path.basename(png)
+            stem = os.path.splitext(args.out)[0]
+            curvature_histogram(opts.per_example_curvature, stem + "_curvature_hist.png", f"{args.model} on "
+                                f"{data.info['name']}:{data.info['split']}, {costly_data.count} images")
+            write_per_example(stem + "_curvature.json", opts.per_example_curvature)
+            results["metrics"]["curvature"]["histogram"] = os.path.basename(stem + "_curvature_hist.png")
+            results["metrics"]["curvature"]["per_example"] = os.path.basename(stem + "_curvature.json")
         write_results(args.out, results)  # after every metric: an interrupted run keeps what it measured
     return results
 

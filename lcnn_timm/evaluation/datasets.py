@@ -42,6 +42,17 @@ class EvalData:
     def count(self) -> int:
         return self.info["count"]
 
+    def head(self, count: Optional[int]) -> "EvalData":
+        """The first ``count`` examples of this subset (all of them when ``count`` is None or larger)."""
+        if count is None or count >= self.count:
+            return self
+        if count < 1:
+            raise ValueError(f"--costly-count must be >= 1, got {count}")
+        loader = DataLoader(Subset(self.loader.dataset, range(count)), batch_size=self.loader.batch_size,
+                            shuffle=False, collate_fn=self.loader.collate_fn)
+        info = dict(self.info, count=count, selection=f"first {count} of {self.info['total']} examples in dataset order")
+        return EvalData(loader, info)
+
 
 def parse_dataset_spec(spec: str) -> Tuple[str, str]:
     """``'cifar100:test'`` -> ``('cifar100', 'test')``; the split defaults to 'test'."""

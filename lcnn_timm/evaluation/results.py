@@ -13,7 +13,8 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["SCHEMA_VERSION", "environment", "load_results", "new_results", "write_results"]
+__all__ = ["SCHEMA_VERSION", "environment", "load_per_example", "load_results", "new_results", "write_per_example",
+           "write_results"]
 
 SCHEMA_VERSION = 1
 
@@ -50,19 +51,35 @@ def new_results(model: Dict[str, Any], dataset: Dict[str, Any], env: Dict[str, A
     }
 
 
-def write_results(path: str, results: Dict[str, Any]) -> None:
+def _write_json(path: str, document: Any) -> None:
     """Write atomically (temp file + rename), so an interrupted run never leaves half a file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, allow_nan=False)
+            json.dump(document, f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_results(path: str, results: Dict[str, Any]) -> None:
+    """Write a results document atomically."""
+    _write_json(path, results)
+
+
+def write_per_example(path: str, curvature: torch.Tensor) -> None:
+    """The per-example C_f values behind the curvature statistics, in evaluation order (for distribution plots)."""
+    _write_json(path, {"schema_version": SCHEMA_VERSION, "curvature": curvature.double().cpu().tolist()})
+
+
+def load_per_example(path: str) -> torch.Tensor:
+    """Per-example C_f values written by :func:`write_per_example`."""
+    with open(path, encoding="utf-8") as f:
+        return torch.tensor(json.load(f)["curvature"], dtype=torch.float64)
 
 
 def load_results(path: str) -> Dict[str, Any]:

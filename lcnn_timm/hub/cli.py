@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--repo-id', required=True, help='Hub repository, ORG/REPO')
     p.add_argument('--results', help='results.json from lcnn-timm evaluate (the card is built from it)')
     p.add_argument('--config', help='training YAML; published as train.yaml, shown in the card, and read for '
-                                    'num_classes / in_chans / img_size')
+                                    'model_kwargs / num_classes / in_chans / img_size')
     p.add_argument('--num-classes', type=int, help='default: the config, else the checkpoint classifier size')
     p.add_argument('--in-chans', type=int, help='default: the config, else the checkpoint first conv')
     p.add_argument('--img-size', type=int, help='default: the config, else the architecture default')
@@ -41,7 +41,12 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
             cfg = yaml.safe_load(Path(args.config).read_text(encoding='utf-8')) or {}
         except (OSError, yaml.YAMLError) as e:
             raise HubError(f'--config {args.config!r} could not be read as YAML: {e}') from e
-    kwargs = {k: cfg.get(k) for k in _MODEL_KEYS}
+    model_kwargs = cfg.get('model_kwargs') or {}
+    if not isinstance(model_kwargs, dict):
+        raise HubError(f'--config {args.config!r}: model_kwargs must be a mapping, got {model_kwargs!r}')
+    kwargs = dict(model_kwargs)
+    for key in _MODEL_KEYS:  # top-level keys win over model_kwargs, as in timm's train.py
+        kwargs[key] = cfg[key] if cfg.get(key) is not None else kwargs.get(key)
     if kwargs['img_size'] is None and cfg.get('input_size'):
         kwargs['in_chans'] = kwargs['in_chans'] or cfg['input_size'][0]
         kwargs['img_size'] = cfg['input_size'][-1]

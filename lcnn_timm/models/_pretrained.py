@@ -1,8 +1,9 @@
 """Pretrained-config helpers shared by the model families: datasets, labels, provenance.
 
-No tag carries a weight location (``hf_hub_id``/``url``/``file``) until its
-weights are published, so ``pretrained=True`` raises timm's own "No pretrained
-weights exist" error instead of silently returning a random model.
+Only tags whose weights have been trained and staged as a Hub repository
+(``hub_cards/<arch>.<tag>/``) carry a weight location (``hf_hub_id``, under
+:data:`HUB_ORG`); every other tag has none, so ``pretrained=True`` raises timm's
+own "No pretrained weights exist" error instead of silently returning a random model.
 
 Input normalisation: the reference code trains on raw pixels in [0, 1] with no
 mean/std normalisation, and the paper's attack radii and curvatures are in that
@@ -17,6 +18,8 @@ from torch import nn
 __all__ = [
     "CIFAR100_LABEL_NAMES",
     "FASHION_MNIST_LABEL_NAMES",
+    "HUB_ORG",
+    "fashion_mnist_zoo_cfgs",
     "cifar100_cfg",
     "fashion_mnist_cfg",
     "filter_classifier",
@@ -40,6 +43,8 @@ CIFAR100_LABEL_NAMES = (
 FASHION_MNIST_LABEL_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+
+HUB_ORG = "lcnn-timm"  # the Hub organisation the zoo is published under (repo name = "<arch>.<tag>")
 
 _PROVENANCE = dict(
     license="apache-2.0",
@@ -121,4 +126,14 @@ def standard_cfgs(architecture: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]
     return {
         f"{architecture}.cifar100": cifar100_cfg(description=description, **kwargs),
         f"{architecture}.fmnist": fashion_mnist_cfg(description=description, **kwargs),
+    }
+
+
+def fashion_mnist_zoo_cfgs(architecture: str, lcnn: bool) -> Dict[str, Dict[str, Any]]:
+    """Fashion-MNIST tags of a zoo architecture; the LCNN ones point at their Hub repositories."""
+    if not lcnn:
+        return {f"{architecture}.fmnist": fashion_mnist_cfg(description="Standard baseline (softplus beta=1000)")}
+    return {
+        f"{architecture}.{tag}": fashion_mnist_cfg(description=description, hf_hub_id=f"{HUB_ORG}/{architecture}.{tag}")
+        for tag, description in (("fmnist", "LCNN (curvature penalty)"), ("fmnist_gradreg", "LCNN + GradReg"))
     }

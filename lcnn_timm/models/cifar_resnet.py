@@ -11,6 +11,8 @@ identity or a 1x1 conv-BN unit, global average pooling and a Linear head.
 * ``cifar_resnet18/34``: the paper's "Standard" baseline: the same network with
   ``nn.Softplus(beta=1000)``, plain non-affine BatchNorm, plain convs and a spectrally
   normalised head. It is not timm's ``resnet18``.
+* ``lcnn_resnet18_025`` / ``cifar_resnet18_025``: the same at a quarter of the width
+  (16/32/64/128 channels), the CPU-sized models of the Fashion-MNIST zoo.
 """
 from functools import partial
 from typing import Any, Dict, List, Sequence, Tuple, Union
@@ -20,7 +22,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from ..layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual
-from ._pretrained import lcnn_cfgs, standard_cfgs
+from ._pretrained import fashion_mnist_zoo_cfgs, lcnn_cfgs, standard_cfgs
 from ._units import (
     STANDARD_LAYERS,
     CifarClassifier,
@@ -114,7 +116,11 @@ default_cfgs = generate_default_cfgs({
     **lcnn_cfgs("lcnn_resnet34"),
     **standard_cfgs("cifar_resnet18"),
     **standard_cfgs("cifar_resnet34"),
+    **fashion_mnist_zoo_cfgs("lcnn_resnet18_025", lcnn=True),
+    **fashion_mnist_zoo_cfgs("cifar_resnet18_025", lcnn=False),
 })
+
+QUARTER_WIDTH = (16, 32, 64, 128)
 
 
 @register_model
@@ -143,3 +149,17 @@ def cifar_resnet34(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """The "Standard" ResNet-34: halves blocks, softplus(beta=1000), plain BN, SN head only."""
     model_args = dict(layers=(3, 4, 6, 3), **STANDARD_LAYERS)
     return create_cifar_model(CifarResNet, "cifar_resnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lcnn_resnet18_025(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """Quarter-width LCNN ResNet-18 (16-128 channels), the Fashion-MNIST zoo's model."""
+    model_args = dict(layers=(2, 2, 2, 2), channels=QUARTER_WIDTH)
+    return create_cifar_model(CifarResNet, "lcnn_resnet18_025", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cifar_resnet18_025(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """Quarter-width "Standard" ResNet-18 (16-128 channels), the Fashion-MNIST zoo's baseline."""
+    model_args = dict(layers=(2, 2, 2, 2), channels=QUARTER_WIDTH, **STANDARD_LAYERS)
+    return create_cifar_model(CifarResNet, "cifar_resnet18_025", pretrained, **dict(model_args, **kwargs))

@@ -70,7 +70,8 @@ def _distributed_setup(cfg: TrainConfig) -> Tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def _output_dir(cfg: TrainConfig) -> Path:
+def output_dir(cfg: TrainConfig) -> Path:
+    """The run's folder: ``output/experiment``, defaulting to ``output/train/<experiment or model-dataset>``."""
     if cfg.output:
         return Path(cfg.output) / cfg.experiment if cfg.experiment else Path(cfg.output)
     return Path("output") / "train" / (cfg.experiment or f"{cfg.model}-{resolve_dataset_name(cfg.dataset) or 'data'}")
@@ -83,7 +84,7 @@ class Trainer:
         self.cfg = cfg
         self.device, self.rank, self.world_size = _distributed_setup(cfg)
         self.primary = self.rank == 0
-        self.out_dir = _output_dir(cfg)
+        self.out_dir = output_dir(cfg)
         if self.primary:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
