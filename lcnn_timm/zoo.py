@@ -197,8 +197,8 @@ def comparison_table(zoo: Zoo, summaries: List[Dict[str, Any]], results_dir: Pat
         paper = PAPER_RESULTS[s["row"]]
         paper_text = f"{paper['accuracy']:.2f}, {paper['curvature']:.1f}, {' / '.join(f'{v:.1f}' for v in paper['pgd'])}"
         lines.append(
-            f"| {s['label']} | {metrics['accuracy']['value']:.2f} | {_fmt(cf.get('mean'), '.3g')} ± "
-            f"{_fmt(cf.get('std'), '.2g')} | {_fmt(gn.get('mean'), '.3g')} | {_fmt(hn.get('mean'), '.3g')} | {pgd} "
+            f"| {s['label']} | {metrics['accuracy']['value']:.2f} | {_fmt(cf.get('mean'), '.1f')} ± "
+            f"{_fmt(cf.get('std'), '.1f')} | {_fmt(gn.get('mean'), '.2f')} | {_fmt(hn.get('mean'), '.1f')} | {pgd} "
             f"| {cost} ({s['train_seconds'] / 60:.1f} min) | {paper_text} |"
         )
     return "\n".join(lines) + "\n"

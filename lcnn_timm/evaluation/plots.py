@@ -74,11 +74,11 @@ def curvature_robustness_figure(rows: Sequence[Tuple[str, Union[str, Path]]], pa
             loaded.append((label, metrics["pgd"], curvature, per_example))
     if not loaded:
         raise ValueError("none of the results has per-example curvature to plot")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), dpi=100, width_ratios=(1.25, 1))
     try:
         markers = "osD^vP*Xh"
         eps_values = [r["eps"] for r in loaded[0][1]]
-        colors = plt.cm.viridis([i / max(len(eps_values) - 1, 1) for i in range(len(eps_values))])
+        colors = plt.cm.viridis([0.85 * i / max(len(eps_values) - 1, 1) for i in range(len(eps_values))])
         for (label, pgd, curvature, _), marker in zip(loaded, markers):
             for r, color in zip(pgd, colors):
                 left.scatter(curvature["curvature"]["mean"], r["accuracy"], marker=marker, color=color, s=45)
@@ -89,7 +89,7 @@ def curvature_robustness_figure(rows: Sequence[Tuple[str, Union[str, Path]]], pa
         left.set_xlabel("mean normalized curvature E C_f (log)")
         left.set_ylabel("L2 PGD accuracy (%)")
         left.set_title("curvature vs adversarial accuracy", fontsize=10)
-        left.legend(fontsize=7, ncol=2)
+        left.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         right.boxplot([v.numpy() for *_, v in loaded], whis=(5, 95), showfliers=False)
         right.set_xticks(range(1, len(loaded) + 1), [label for label, *_ in loaded], rotation=20, fontsize=8)
         right.set_yscale("log")
