@@ -12,8 +12,8 @@ from lcnn_timm.export import freeze
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, is_spectral_normalized
 from lcnn_timm.models._pretrained import CIFAR100_LABEL_NAMES
 
-LCNN = ["lcnn_resnet18", "lcnn_resnet34", "lcnn_vgg11"]
-STANDARD = ["cifar_resnet18", "cifar_resnet34", "cifar_vgg11"]
+LCNN = ["lcnn_resnet18", "lcnn_resnet18_025", "lcnn_resnet34", "lcnn_vgg11"]
+STANDARD = ["cifar_resnet18", "cifar_resnet18_025", "cifar_resnet34", "cifar_vgg11"]
 SMALL = dict(img_size=16, num_classes=5)
 
 
@@ -47,7 +47,8 @@ def _trained_stats(model, size=16, channels=3):
 def test_registered_names():
     assert timm.list_models("lcnn_*") == sorted(LCNN)
     assert set(STANDARD) <= set(timm.list_models("cifar_*"))
-    assert timm.list_models("lcnn_*", pretrained=True) == []  # nothing published yet
+    # only the Fashion-MNIST zoo's staged LCNNs have weights
+    assert timm.list_models("lcnn_*", pretrained=True) == ["lcnn_resnet18_025.fmnist", "lcnn_resnet18_025.fmnist_gradreg"]
     assert "lcnn_resnet18.cifar100_gradreg" in timm.list_models("lcnn_resnet18*", include_tags=True)
 
 
@@ -69,7 +70,7 @@ def test_reference_layers_and_parameter_count():
 @pytest.mark.parametrize("name", LCNN + STANDARD)
 def test_forward_backward_and_fx(name):
     model = timm.create_model(name, **SMALL)
-    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    x = torch.rand(2, model.in_chans, 16, 16, requires_grad=True)  # the _025 zoo models default to 1 channel
     out = model(x)
     assert out.shape == (2, 5)
     out.sum().backward()
