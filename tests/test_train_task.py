@@ -69,3 +69,22 @@ def test_beta_gamma_are_excluded_from_weight_decay():
     assert sorted(names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]) == ["log_beta"] * 3 + ["log_gamma"] * 3
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [dict(beta_weight=1e-3, gamma_weight=1e-3),
+                                    dict(beta_weight=1e-3, gamma_weight=1e-3, gradreg_weight=1e-3,
+                                         gradreg_mode="finite_difference")], ids=["lcnn", "lcnn_gradreg_fd"])
+def test_lcnn_under_torch_compile_matches_eager(kwargs):
+    torch.manual_seed(0)
+    eager = LCNNTask(tiny_lcnn(), torch.nn.CrossEntropyLoss(), **kwargs)
+    compiled = LCNNTask(tiny_lcnn(), torch.nn.CrossEntropyLoss(), **kwargs)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile(backend="inductor")
+    images, labels = _data()
+    for task in (eager, compiled):
+        torch.manual_seed(1)
+        task(images, labels)["loss"].backward()
+    grads = [[p.grad for p in task.parameters()] for task in (eager, compiled)]
+    for e, c in zip(*grads):
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-5)
