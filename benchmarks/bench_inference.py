@@ -10,9 +10,12 @@ round-robin (so that load from other processes hits them alike), best of
 * lcnn:          lcnn_resnet18 (centered softplus)
 * lcnn_frozen:   lcnn_timm.export.freeze(lcnn_resnet18): norms baked, gamma-BN -> plain BN
 
+With ``--compile``, ``torch.compile`` (inductor) copies of relu, lcnn and lcnn_frozen
+are timed too, so compiled LCNN can be compared with compiled ReLU.
+
 Target (issue 3): lcnn within 1.15x of relu.
 
-    python benchmarks/bench_inference.py [--repeats 5] [--batch-size 64] [--threads N]
+    python benchmarks/bench_inference.py [--repeats 5] [--batch-size 64] [--threads N] [--compile]
 """
 import argparse
 import time
@@ -62,11 +65,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd relu, lcnn, lcnn_frozen")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {name: model.eval() for name, model in build_variants().items()}
+    if args.compile:
+        models.update({f"{name}_compiled": torch.compile(models[name]) for name in ("relu", "lcnn", "lcnn_frozen")})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, 32x32, eval")
     for precision, bf16 in (("fp32", False), ("bf16+channels_last", True)):
         x = torch.rand(args.batch_size, 3, 32, 32)
@@ -76,7 +82,8 @@ def main() -> None:
         best = measure(models, x, bf16, args.repeats)
         print(f"\n{precision}")
         for name, seconds in best.items():
-            print(f"  {name:>12}: {seconds * 1e3:8.1f} ms   {seconds / best['relu']:.2f}x relu")
+            compiled = f"   {seconds / best['relu_compiled']:.2f}x relu_compiled" if args.compile else ""
+            print(f"  {name:>20}: {seconds * 1e3:8.1f} ms   {seconds / best['relu']:.2f}x relu{compiled}")
     print("\ntarget: lcnn (and lcnn_frozen) <= 1.15x relu")
 
 
