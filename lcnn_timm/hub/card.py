@@ -29,7 +29,8 @@ __all__ = ['Metric', 'metrics_from_results', 'render_card', 'render_card_for_fol
 
 # config.json entry (ignored by timm's loader) holding what the card needs beyond timm's own fields
 CARD_META_KEY = 'lcnn_timm'
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / 'hub_cards' / 'TEMPLATE.md'
+# a symlink to hub_cards/TEMPLATE.md in the source tree; setuptools copies the file itself into the wheel
+TEMPLATE_PATH = Path(__file__).parent / 'TEMPLATE.md'
 SUPPORTED_RESULTS_VERSIONS = (1,)
 
 # results.json dataset name -> (Hub dataset id for the card's `datasets:` field, display name)
@@ -204,7 +205,7 @@ def render_card_for_folder(folder: Union[str, Path], template: Union[str, Path] 
     )
 
 
-def regenerate_cards(root: Union[str, Path] = TEMPLATE_PATH.parent, template: Union[str, Path] = TEMPLATE_PATH) -> List[Path]:
+def regenerate_cards(root: Union[str, Path] = 'hub_cards', template: Union[str, Path] = TEMPLATE_PATH) -> List[Path]:
     """Rewrite ``README.md`` in every ``root/<name>/`` that holds a ``config.json``; return the cards written."""
     written = []
     for folder in sorted(p.parent for p in Path(root).glob('*/config.json')):
