@@ -1,4 +1,5 @@
 """Each penalty's parameter gradient against central finite differences; the FD GradReg against the exact one."""
+import pytest
 import torch
 from torch import nn
 from train_tiny_models import tiny_lcnn
@@ -111,3 +112,45 @@ def test_pgd_stays_in_ball_and_raises_loss():
     assert ((adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
     loss = lambda z: nn.functional.cross_entropy(model(z), labels)  # noqa: E731
     assert loss(adv) > loss(x)
+
+
+def test_model_side_penalty_gradients_equal_the_loss_penalty():
+    """``curvature_penalty=(wb, wg)`` (for timm's train.py) gives the gradients of CE + the penalty in the loss."""
+    import timm
+
+    import lcnn_timm  # noqa: F401
+    from lcnn_timm.curvature import curvature_penalty
+
+    torch.manual_seed(0)
+    hooked = timm.create_model("lcnn_resnet18_025", img_size=8, curvature_penalty=(0.05, 0.02))
+    plain = timm.create_model("lcnn_resnet18_025", img_size=8)
+    plain.load_state_dict(hooked.state_dict())
+    with torch.no_grad():  # non-zero log gammas, so the |log gamma| term has a gradient
+        for model in (hooked, plain):
+            for name, p in model.named_parameters():
+                if name.endswith("log_gamma"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(hooked(x), y).backward()
+    loss = torch.nn.functional.cross_entropy(plain(x), y) + curvature_penalty(plain, 0.05, 0.02).total
+    loss.backward()
+    for (name, a), b in zip(hooked.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # eval mode: no penalty gradient
+    for model in (hooked, plain):
+        model.zero_grad()
+        model.eval()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(hooked.parameters(), plain.parameters()))
+    with pytest.raises(ValueError, match="pair"):
+        timm.create_model("lcnn_resnet18_025", img_size=8, curvature_penalty=0.1)
+
+
+def test_config_model_penalty_must_match_loss_weights():
+    from lcnn_timm.train.config import load_config
+
+    ok = load_config(None, {"beta_weight": 1e-3, "gamma_weight": 1e-3,
+                            "model_kwargs": {"curvature_penalty": [1e-3, 1e-3]}})
+    assert ok.model_kwargs["curvature_penalty"] == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match="disagrees with beta_weight"):
+        load_config(None, {"beta_weight": 1e-3, "model_kwargs": {"curvature_penalty": [1e-3, 1e-3]}})

@@ -1,6 +1,6 @@
 """Curvature penalty (training), upper bound (theory) and measurement."""
 from .bound import LayerBound, UnsupportedStructureError, curvature_upper_bound, layer_bound
-from .penalty import CurvaturePenalty, curvature_penalty, lcnn_parameters
+from .penalty import CurvaturePenalty, add_penalty_to_backward, curvature_penalty, lcnn_parameters, penalty_weights
 from .estimator import (
     CurvatureEstimate,
     CurvatureNotMeaningfulWarning,

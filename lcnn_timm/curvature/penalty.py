@@ -5,8 +5,12 @@
 reference code's proxy for the bound of Theorem 1; see ``bound.py`` for the
 bound itself). ``|log gamma|`` pulls each gamma towards 1 from either side.
 Each module counts once, however often its forward runs.
+
+:func:`add_penalty_to_backward` is the model-side form for trainers that only
+compute the classification loss (timm's ``train.py``): the penalty's gradient is
+added to the β/γ parameters by the backward of the model's output.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -14,7 +18,7 @@ from torch import nn
 from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm
 
-__all__ = ["CurvaturePenalty", "curvature_penalty", "lcnn_parameters"]
+__all__ = ["CurvaturePenalty", "add_penalty_to_backward", "curvature_penalty", "lcnn_parameters", "penalty_weights"]
 
 
 class CurvaturePenalty(NamedTuple):
@@ -43,3 +47,52 @@ def curvature_penalty(model: nn.Module, beta_weight: float = 1e-3, gamma_weight:
     beta_sum = torch.stack([b.exp() for b in log_betas]).sum() if log_betas else torch.zeros((), device=device)
     gamma_sum = torch.stack([g.abs() for g in log_gammas]).sum() if log_gammas else torch.zeros((), device=device)
     return CurvaturePenalty(beta_weight * beta_sum + gamma_weight * gamma_sum, beta_sum, gamma_sum)
+
+
+def penalty_weights(value: Sequence[float]) -> Tuple[float, float]:
+    """Validate a ``(beta_weight, gamma_weight)`` pair (the ``curvature_penalty`` model argument)."""
+    try:
+        beta_weight, gamma_weight = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"curvature_penalty must be a pair (beta_weight, gamma_weight), got {value!r}") from None
+    if beta_weight < 0 or gamma_weight < 0:
+        raise ValueError(f"curvature_penalty weights must be >= 0, got {value!r}")
+    return beta_weight, gamma_weight
+
+
+class _PenaltyGradient(torch.autograd.Function):
+    """Identity on the model's output; its backward also returns the penalty's gradient for each β/γ parameter."""
+
+    @staticmethod
+    def forward(ctx, output, beta_weight, gamma_weight, num_betas, *log_params):
+        ctx.save_for_backward(*log_params)
+        ctx.weights, ctx.num_betas = (beta_weight, gamma_weight), num_betas
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        log_params = ctx.saved_tensors
+        beta_weight, gamma_weight = ctx.weights
+        # d(w * exp(log beta)) / d log beta = w * beta;  d(w * |log gamma|) / d log gamma = w * sign(log gamma)
+        grads = [beta_weight * p.exp() for p in log_params[:ctx.num_betas]]
+        grads += [gamma_weight * p.sign() for p in log_params[ctx.num_betas:]]
+        return (grad_output, None, None, None, *grads)
+
+
+def add_penalty_to_backward(model: nn.Module, beta_weight: float, gamma_weight: float):
+    """Make every training-mode backward through ``model``'s output add the curvature penalty's gradient.
+
+    Gradients then equal those of ``loss + curvature_penalty(model, beta_weight, gamma_weight).total`` when the
+    output is used once per backward and the loss is not scaled: exact in fp32/bf16 and under DDP; with fp16
+    loss scaling the penalty is effectively divided by the scale, and with gradient accumulation over N steps it
+    is applied N times (divide the weights by N). Returns the hook's handle (``.remove()`` undoes it).
+    """
+    beta_weight, gamma_weight = penalty_weights((beta_weight, gamma_weight))
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        log_betas, log_gammas = lcnn_parameters(module)
+        return _PenaltyGradient.apply(output, beta_weight, gamma_weight, len(log_betas), *log_betas, *log_gammas)
+
+    return model.register_forward_hook(hook)

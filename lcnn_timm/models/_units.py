@@ -16,6 +16,7 @@ from timm.layers import SelectAdaptivePool2d, get_act_layer, get_device_dtype, g
 from timm.models import build_model_with_cfg
 from torch import nn
 
+from ..curvature.penalty import add_penalty_to_backward, penalty_weights
 from ..layers.spectral_norm import refresh_spectral_norms, spectral_norm
 from ._pretrained import filter_classifier
 
@@ -148,8 +149,15 @@ def lcnn_no_weight_decay(model: nn.Module) -> Set[str]:
 
 
 def create_cifar_model(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """timm's ``build_model_with_cfg`` with the families' feature and checkpoint-filter settings."""
-    return build_model_with_cfg(
+    """timm's ``build_model_with_cfg`` with the families' feature and checkpoint-filter settings.
+
+    ``curvature_penalty=(beta_weight, gamma_weight)`` makes training-mode backward passes add the curvature
+    penalty's gradient (:func:`lcnn_timm.curvature.add_penalty_to_backward`), so trainers that only compute the
+    classification loss, such as timm's ``train.py``, train with the penalty. timm records it with the other
+    ``create_model`` arguments, so a model re-created from an export trains with the same penalty.
+    """
+    penalty = kwargs.pop("curvature_penalty", None)
+    model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
@@ -157,6 +165,9 @@ def create_cifar_model(model_cls: type, variant: str, pretrained: bool = False, 
         feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
+    if penalty is not None:
+        add_penalty_to_backward(model, *penalty_weights(penalty))
+    return model
 
 
 class CifarClassifier(nn.Module):

@@ -201,4 +201,25 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         if key == "resume" and value is True:  # bare --resume: continue the output folder's run
             value = "auto"
         kwargs[key] = _check_type(key, value)
-    return TrainConfig(**kwargs)
+    cfg = TrainConfig(**kwargs)
+    _check_model_penalty(cfg)
+    return cfg
+
+
+def _check_model_penalty(cfg: TrainConfig) -> None:
+    """``model_kwargs.curvature_penalty`` applies the penalty inside the model, for timm's ``train.py``.
+
+    Here the loss adds it (``beta_weight``/``gamma_weight``) and the trainer drops the model argument, so the two
+    must agree: one YAML then trains the same way under both trainers.
+    """
+    if "curvature_penalty" not in cfg.model_kwargs:
+        return
+    from ..curvature.penalty import penalty_weights
+
+    weights = penalty_weights(cfg.model_kwargs["curvature_penalty"])
+    if weights != (cfg.beta_weight, cfg.gamma_weight):
+        raise ValueError(
+            f"model_kwargs.curvature_penalty {list(weights)} disagrees with beta_weight {cfg.beta_weight} / "
+            f"gamma_weight {cfg.gamma_weight}: set them equal (the model-side penalty is for timm's train.py; "
+            "lcnn-timm train adds beta_weight/gamma_weight to its loss)"
+        )

@@ -137,8 +137,10 @@ class Trainer:
         import lcnn_timm  # noqa: F401  (registers the LCNN models)
 
         cfg = self.cfg
+        # the loss adds the curvature penalty; the model-side copy (for timm's train.py) would count it twice
+        model_kwargs = {k: v for k, v in cfg.model_kwargs.items() if k != "curvature_penalty"}
         model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=self.num_classes,
-                             in_chans=self.in_chans, drop_rate=cfg.drop, **cfg.model_kwargs)
+                             in_chans=self.in_chans, drop_rate=cfg.drop, **model_kwargs)
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
