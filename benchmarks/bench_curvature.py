@@ -2,7 +2,8 @@
 
 Softplus ResNet-18 (timm ``resnet18``, 3x3 stem, no max-pool, 100 classes) at
 32x32, 64 images x 10 power iterations (11 HVPs), same starting vectors, eval
-mode; also ``lcnn_resnet18`` when registered. Prints seconds, speed-up ratios
+mode; also ``lcnn_resnet18`` when registered. ``estimate_curvature`` builds its
+graph under ``lean_double_backward`` (docs/evaluation.md). Prints seconds, speed-up ratios
 and the largest relative difference of the Hessian norms from the baseline's.
 
     python benchmarks/bench_curvature.py [--images 64] [--iterations 10] [--threads 2] [--no-jvp]

@@ -11,10 +11,13 @@ found by power iteration on Hessian-vector products with the Rayleigh quotient
 as estimate. HVPs use double backward (build ``g = d sum(f) / dx`` once with a
 graph, then one backward per iteration): on CPU that beats forward-over-reverse
 (``torch.func.jvp`` of the gradient), which redoes the forward every iteration.
-Parameter gradients are switched off while measuring, and examples whose
-Rayleigh quotient has converged can stop early (``tol``), the graph being
-rebuilt on the unconverged examples once at least half of them have stopped.
-Measured gains are small (see docs/evaluation.md).
+Parameter gradients are switched off while measuring and the graph is built
+under :func:`~lcnn_timm.curvature.double_backward.lean_double_backward`, which
+drops the convolutions and batch-norm terms that PyTorch's double backward
+computes for frozen weights anyway (1.8-2.3x the reference's throughput, see
+docs/evaluation.md). Examples whose Rayleigh quotient has converged can stop
+early (``tol``), the graph being rebuilt on the unconverged examples once at
+least half of them have stopped.
 """
 import contextlib
 import warnings
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .double_backward import lean_double_backward
 
 __all__ = [
     "batches_on_device",
@@ -175,7 +180,7 @@ def estimate_curvature(
     active = torch.arange(batch, device=x.device)  # examples still iterating
     previous = None
     tiny = torch.finfo(x.dtype).tiny
-    with frozen_parameters(model):
+    with frozen_parameters(model), lean_double_backward():
         grad, leaf = input_gradient(model, x, y, create_graph=True)
         gradient_norm = _per_example_norm(grad.detach())
         rows = active.clone()  # positions of the active examples inside the current graph
