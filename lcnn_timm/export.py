@@ -3,20 +3,34 @@
 * every operator spectral norm is baked into a plain weight ``W / sigma``
   (no per-forward Rayleigh quotient, plain ``state_dict`` keys);
 * every gamma-BN becomes a plain affine BatchNorm whose weight and bias carry the
-  clip ``min(1, gamma / L)`` (with the running statistics unchanged).
+  clip ``min(1, gamma / L)`` (with the running statistics unchanged);
+* every BatchNorm2d that only reads a plain convolution's output is folded into
+  that convolution (:func:`fold_batchnorms`);
+* optionally, centered softplus activations run as one compiled pass when no
+  gradient is recorded (``compiled_activations``).
 
 The result is for inference: training it would train plain BatchNorms without the
 clip or the spectral norms, and the curvature bound no longer applies to it.
 """
 import copy
+import warnings
+from collections import Counter
 
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .convert.fx_activations import LeafTracer
+from .layers.centered_softplus import CenteredSoftplus
 from .layers.gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, _GammaBatchNorm, _gamma_clip
 from .layers.spectral_norm import remove_spectral_norms
 
-__all__ = ["freeze"]
+__all__ = ["fold_batchnorms", "freeze"]
+
+# convolutions whose forward uses ``self.weight`` / ``self.bias`` as they are (StdConv2d, for one, does not)
+_FOLDABLE_CONV_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward)
 
 _PLAIN_BN = {GammaBatchNorm1d: nn.BatchNorm1d, GammaBatchNorm2d: nn.BatchNorm2d}
 
@@ -44,19 +58,74 @@ def _replace_gamma_batchnorms(module: nn.Module) -> None:
             _replace_gamma_batchnorms(child)
 
 
-def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and type(conv).forward in _FOLDABLE_CONV_FORWARDS
+        and not parametrize.is_parametrized(conv)
+        and type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> int:
+    """Fold each eval-mode ``BatchNorm2d`` that is the only reader of a plain conv's output into the conv, in place.
+
+    The pairs are found on the model's ``torch.fx`` graph (timm's leaf modules); each
+    BatchNorm becomes ``nn.Identity`` and its conv gets the scaled weight and a bias.
+    Convs or BatchNorms called more than once are left alone, as is every model that
+    cannot be traced (with a warning). Returns the number of BatchNorms folded.
+    """
+    try:
+        graph = LeafTracer().trace(model)
+    except Exception as error:  # fx raises many kinds of errors on untraceable code
+        warnings.warn(f"fold_batchnorms: the model cannot be traced with torch.fx ({type(error).__name__}: {error}); "
+                      "no BatchNorm folded", RuntimeWarning, stacklevel=2)
+        return 0
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    folded = 0
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        conv, bn = modules[source.target], modules[node.target]
+        if calls[source.target] != 1 or calls[node.target] != 1 or not _foldable(conv, bn):
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        model.set_submodule(node.target, nn.Identity())
+        folded += 1
+    return folded
+
+
+def freeze(
+        model: nn.Module, inplace: bool = False, fold_batchnorm: bool = True, compiled_activations: bool = False,
+) -> nn.Module:
     """``model`` in eval mode with spectral norms baked in and gamma-BNs turned into plain BatchNorms.
 
     Args:
         model: any module (an LCNN from the registry or a converted timm model).
         inplace: modify ``model`` itself instead of a deep copy.
+        fold_batchnorm: fold BatchNorms into the convolutions before them (:func:`fold_batchnorms`).
+        compiled_activations: make every :class:`~lcnn_timm.layers.CenteredSoftplus` run as one
+            ``torch.compile``-generated pass under ``torch.no_grad``/``torch.inference_mode``
+            (compiles on the first call; needs a C++ compiler, else warns and stays eager).
 
     Returns:
-        The frozen model, in eval mode, computing the same eval-mode outputs.
+        The frozen model, in eval mode, computing the same eval-mode outputs (to float rounding).
     """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     remove_spectral_norms(model)
     _replace_gamma_batchnorms(model)
+    if fold_batchnorm:
+        fold_batchnorms(model)
+    for module in model.modules():
+        if isinstance(module, CenteredSoftplus):
+            module.compiled_inference = compiled_activations
     return model

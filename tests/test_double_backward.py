@@ -9,17 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcnn_timm.curvature import frozen_parameters, lean_double_backward
 from lcnn_timm.layers import CenteredSoftplus
-
-
-def eval_batchnorm(channels, affine=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    bn = nn.BatchNorm2d(channels, affine=affine)
-    bn.running_mean.copy_(torch.randn(channels, generator=g))
-    bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
-    if affine:
-        bn.weight.data.copy_(torch.rand(channels, generator=g) + 0.5)
-        bn.bias.data.copy_(torch.randn(channels, generator=g))
-    return bn
+from tiny_layers import eval_batchnorm
 
 
 def awkward_convnet():

@@ -221,5 +221,6 @@ def test_freeze_keeps_eval_outputs(name):
     x = torch.rand(4, 3, 16, 16)
     torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
     assert not any(is_spectral_normalized(m) or isinstance(m, GammaBatchNorm2d) for m in frozen.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())  # all folded into their convs
     assert all(is_spectral_normalized(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     model(x)  # the original still works: its parametrized classes are untouched

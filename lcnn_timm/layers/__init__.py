@@ -1,5 +1,5 @@
 """LCNN layers: centered softplus, gamma-Lipschitz BatchNorm, operator spectral norm, the halves residual block."""
-from .centered_softplus import CenteredSoftplus, centered_softplus
+from .centered_softplus import CenteredSoftplus, centered_softplus, compiled_centered_softplus
 from .gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, batchnorm_lipschitz
 from .halves_residual import HalvesResidual
 from .spectral_norm import (
