@@ -2,10 +2,12 @@
 import importlib
 
 import pytest
+import timm
 import torch
 from timm.layers import StdConv2d
 from torch import nn
 
+from lcnn_timm import convert_model
 from lcnn_timm.export import fold_batchnorms, freeze
 from lcnn_timm.layers import CenteredSoftplus
 from tiny_layers import eval_batchnorm
@@ -85,3 +87,19 @@ def test_compiled_activations_match_eager_and_keep_autograd():
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     y = fused(x)  # gradients recorded: the autograd Function, not the compiled kernel
     assert type(y.grad_fn).__name__.startswith("_CenteredSoftplusFn")
+
+
+def batchnorm_count(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name, remaining", [("efficientnet_b0", 0), ("resnetv2_50", 17)])
+def test_freeze_folds_converted_timm_models(name, remaining):
+    model, _ = convert_model(timm.create_model(name, num_classes=10))
+    model.eval()
+    frozen = freeze(model)
+    assert batchnorm_count(model) > batchnorm_count(frozen) == remaining  # pre-activation BNs read no conv output and stay
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(frozen(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
