@@ -23,15 +23,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["lean_double_backward"]
 
 IntPair = Union[int, Sequence[int]]
-
-
-def _pair(value: IntPair) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class _ConvWithTransposedBackward(torch.autograd.Function):
@@ -62,7 +59,7 @@ def _conv2d(
 ) -> torch.Tensor:
     if weight.requires_grad or isinstance(padding, str) or input.dim() != 4 or torch.is_autocast_enabled(input.device.type):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    out = _ConvWithTransposedBackward.apply(input, weight, _pair(stride), _pair(padding), _pair(dilation), groups)
+    out = _ConvWithTransposedBackward.apply(input, weight, to_2tuple(stride), to_2tuple(padding), to_2tuple(dilation), groups)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
