@@ -5,7 +5,8 @@
 * every gamma-BN becomes a plain affine BatchNorm whose weight and bias carry the
   clip ``min(1, gamma / L)`` (with the running statistics unchanged);
 * every BatchNorm2d that only reads a plain convolution's output is folded into
-  that convolution (:func:`fold_batchnorms`);
+  that convolution (:func:`fold_batchnorms`), and each halves residual block's
+  constant scalings into its branches' convolutions (:func:`fold_halves_scalings`);
 * optionally, centered softplus activations run as one compiled pass when no
   gradient is recorded (``compiled_activations``).
 
@@ -15,6 +16,7 @@ clip or the spectral norms, and the curvature bound no longer applies to it.
 import copy
 import warnings
 from collections import Counter
+from typing import List, Optional
 
 import torch
 from timm.layers import Conv2dSame
@@ -24,10 +26,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .convert.fx_activations import LeafTracer
 from .layers.centered_softplus import CenteredSoftplus
+from .layers.halves_residual import FoldedHalvesResidual, HalvesResidual
 from .layers.gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, _GammaBatchNorm, _gamma_clip
 from .layers.spectral_norm import remove_spectral_norms
 
-__all__ = ["fold_batchnorms", "freeze"]
+__all__ = ["fold_batchnorms", "fold_halves_scalings", "freeze"]
 
 # convolutions whose forward uses ``self.weight`` / ``self.bias`` as they are (StdConv2d, for one, does not)
 _FOLDABLE_CONV_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward)
@@ -102,15 +105,63 @@ def fold_batchnorms(model: nn.Module) -> int:
     return folded
 
 
+def _call_order_leaves(module: nn.Module) -> Optional[List[nn.Module]]:
+    """The non-identity modules a branch applies, in order, if it is a tree of plain ``nn.Sequential``s."""
+    if type(module).forward is nn.Sequential.forward:
+        leaves = [_call_order_leaves(child) for child in module]
+        return None if any(part is None for part in leaves) else [leaf for part in leaves for leaf in part]
+    if isinstance(module, nn.Identity):
+        return []
+    return None if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else [module]
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and type(module).forward in _FOLDABLE_CONV_FORWARDS and not parametrize.is_parametrized(module)
+
+
+@torch.no_grad()
+def _scale_branch(leaves: List[nn.Module], input_scale: float, output_scale: float) -> None:
+    first, last = leaves[0], leaves[-1]
+    first.weight.mul_(input_scale)  # conv(a x) = (a W) x + b
+    last.weight.mul_(output_scale)  # b' (W x + c) = (b' W) x + b' c
+    if last.bias is not None:
+        last.bias.mul_(output_scale)
+
+
+def fold_halves_scalings(model: nn.Module) -> int:
+    """Replace each :class:`HalvesResidual` whose branches can absorb its scalings by a :class:`FoldedHalvesResidual`.
+
+    A branch can when it is a tree of ``nn.Sequential``s that starts and ends with a plain
+    convolution (BatchNorms already folded, no activation after the last conv); an
+    identity shortcut takes its scaling as ``torch.add``'s ``alpha``. In place; returns
+    the number of blocks replaced.
+    """
+    folded = 0
+    for name, block in list(model.named_modules()):
+        if type(block) is not HalvesResidual:
+            continue
+        residual, shortcut = _call_order_leaves(block.residual), _call_order_leaves(block.shortcut)
+        if not residual or shortcut is None or not all(_plain_conv(m) for m in (residual[0], residual[-1], *shortcut[:1], *shortcut[-1:])):
+            continue
+        _scale_branch(residual, block.input_scale, block.output_scale)
+        if shortcut:
+            _scale_branch(shortcut, block.input_scale, block.output_scale)
+        shortcut_scale = 1.0 if shortcut else block.input_scale * block.output_scale
+        model.set_submodule(name, FoldedHalvesResidual(block.residual, block.shortcut, block.act, shortcut_scale))
+        folded += 1
+    return folded
+
+
 def freeze(
-        model: nn.Module, inplace: bool = False, fold_batchnorm: bool = True, compiled_activations: bool = False,
+        model: nn.Module, inplace: bool = False, fold: bool = True, compiled_activations: bool = False,
 ) -> nn.Module:
     """``model`` in eval mode with spectral norms baked in and gamma-BNs turned into plain BatchNorms.
 
     Args:
         model: any module (an LCNN from the registry or a converted timm model).
         inplace: modify ``model`` itself instead of a deep copy.
-        fold_batchnorm: fold BatchNorms into the convolutions before them (:func:`fold_batchnorms`).
+        fold: fold BatchNorms into the convolutions before them (:func:`fold_batchnorms`), then the halves
+            blocks' scalings into their convolutions (:func:`fold_halves_scalings`).
         compiled_activations: make every :class:`~lcnn_timm.layers.CenteredSoftplus` run as one
             ``torch.compile``-generated pass under ``torch.no_grad``/``torch.inference_mode``
             (compiles on the first call; needs a C++ compiler, else warns and stays eager).
@@ -123,8 +174,9 @@ def freeze(
     model.eval()
     remove_spectral_norms(model)
     _replace_gamma_batchnorms(model)
-    if fold_batchnorm:
+    if fold:
         fold_batchnorms(model)
+        fold_halves_scalings(model)
     for module in model.modules():
         if isinstance(module, CenteredSoftplus):
             module.compiled_inference = compiled_activations

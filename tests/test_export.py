@@ -8,8 +8,8 @@ from timm.layers import StdConv2d
 from torch import nn
 
 from lcnn_timm import convert_model
-from lcnn_timm.export import fold_batchnorms, freeze
-from lcnn_timm.layers import CenteredSoftplus
+from lcnn_timm.export import fold_batchnorms, fold_halves_scalings, freeze
+from lcnn_timm.layers import CenteredSoftplus, FoldedHalvesResidual, HalvesResidual
 from tiny_layers import eval_batchnorm
 
 # lcnn_timm.layers re-exports the function centered_softplus, which hides the submodule of that name
@@ -103,3 +103,23 @@ def test_freeze_folds_converted_timm_models(name, remaining):
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(frozen(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def conv(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, padding=1)
+
+
+def test_fold_halves_scalings_keeps_outputs_and_skips_unfoldable_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        HalvesResidual(nn.Sequential(conv(3, 3), nn.Tanh(), nn.Sequential(conv(3, 3))), act=nn.Tanh()),  # identity shortcut
+        HalvesResidual(nn.Sequential(conv(3, 4, 2), nn.Tanh(), conv(4, 4)), shortcut=conv(3, 4, 2), act=nn.Tanh()),
+        HalvesResidual(nn.Sequential(conv(4, 4), nn.Tanh()), act=nn.Tanh()),  # ends with an activation: stays
+    ).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_halves_scalings(model) == 2
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    assert [type(block) for block in model] == [FoldedHalvesResidual, FoldedHalvesResidual, HalvesResidual]
+    assert model[0].shortcut_scale == pytest.approx(0.5 ** 1.5) and model[1].shortcut_scale == 1.0

@@ -9,7 +9,7 @@ from timm.optim import param_groups_weight_decay
 import lcnn_timm  # noqa: F401  (registers the models)
 from lcnn_timm.curvature import UnsupportedStructureError, curvature_upper_bound
 from lcnn_timm.export import freeze
-from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, is_spectral_normalized
+from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual, is_spectral_normalized
 from lcnn_timm.models._pretrained import CIFAR100_LABEL_NAMES
 
 LCNN = ["lcnn_resnet18", "lcnn_resnet18_025", "lcnn_resnet34", "lcnn_vgg11"]
@@ -220,7 +220,11 @@ def test_freeze_keeps_eval_outputs(name):
     frozen = freeze(model)
     x = torch.rand(4, 3, 16, 16)
     torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+    # the logits of these random nets hardly depend on x (their bias dominates): compare the features too
+    features = model.forward_features(x)
+    assert features.std() > 1e-3
+    torch.testing.assert_close(frozen.forward_features(x), features, rtol=1e-5, atol=1e-5 * features.abs().max().item())
     assert not any(is_spectral_normalized(m) or isinstance(m, GammaBatchNorm2d) for m in frozen.modules())
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())  # all folded into their convs
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, HalvesResidual)) for m in frozen.modules())  # all folded
     assert all(is_spectral_normalized(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     model(x)  # the original still works: its parametrized classes are untouched

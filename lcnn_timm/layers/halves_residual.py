@@ -17,11 +17,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["HalvesResidual"]
+__all__ = ["FoldedHalvesResidual", "HalvesResidual"]
 
 
 class HalvesResidual(nn.Module):
     """``act((residual(x / sqrt 2) + shortcut(x / sqrt 2)) / 2)``; ``shortcut=None`` is the identity."""
+
+    input_scale = 1.0 / math.sqrt(2.0)
+    output_scale = 0.5
 
     def __init__(self, residual: nn.Module, shortcut: Optional[nn.Module] = None, act: Optional[nn.Module] = None):
         super().__init__()
@@ -30,5 +33,27 @@ class HalvesResidual(nn.Module):
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * (1.0 / math.sqrt(2.0))
-        return self.act((self.residual(x) + self.shortcut(x)) * 0.5)
+        x = x * self.input_scale
+        return self.act((self.residual(x) + self.shortcut(x)) * self.output_scale)
+
+
+class FoldedHalvesResidual(nn.Module):
+    """Inference form of :class:`HalvesResidual`: ``act(residual(x) + shortcut_scale * shortcut(x))``.
+
+    The block's ``1/sqrt 2`` and ``1/2`` scalings have been moved into the branches'
+    convolutions (or, for an identity shortcut, into ``shortcut_scale``), which saves
+    two passes over the activation per block. Built by :func:`lcnn_timm.export.freeze`.
+    """
+
+    def __init__(self, residual: nn.Module, shortcut: nn.Module, act: nn.Module, shortcut_scale: float = 1.0):
+        super().__init__()
+        self.residual = residual
+        self.shortcut = shortcut
+        self.act = act
+        self.shortcut_scale = shortcut_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(torch.add(self.residual(x), self.shortcut(x), alpha=self.shortcut_scale))
+
+    def extra_repr(self) -> str:
+        return f"shortcut_scale={self.shortcut_scale:.6g}"
