@@ -10,7 +10,7 @@ round-robin (so that load from other processes hits them alike), best of
 * lcnn:          lcnn_resnet18 (centered softplus)
 * lcnn_frozen:   lcnn_timm.export.freeze(lcnn_resnet18): norms baked, gamma-BN -> plain BN folded into the convs
 * lcnn_fused:    freeze(lcnn_resnet18, compiled_activations=True): also one compiled pass per activation
-* relu_frozen:   freeze(relu): the reference point with its BatchNorms folded too, for a like-for-like view
+* relu_frozen:   freeze(relu): the reference point with its BatchNorms and halves scalings folded too (like-for-like)
 
 With ``--compile``, ``torch.compile`` (inductor) copies of relu, lcnn and lcnn_frozen
 are timed too, so compiled LCNN can be compared with compiled ReLU.
