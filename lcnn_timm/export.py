@@ -61,11 +61,17 @@ def _replace_gamma_batchnorms(module: nn.Module) -> None:
             _replace_gamma_batchnorms(child)
 
 
+def _plain_conv(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and type(module).forward in _FOLDABLE_CONV_FORWARDS
+        and not parametrize.is_parametrized(module)
+    )
+
+
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
-        isinstance(conv, nn.Conv2d)
-        and type(conv).forward in _FOLDABLE_CONV_FORWARDS
-        and not parametrize.is_parametrized(conv)
+        _plain_conv(conv)
         and type(bn) is nn.BatchNorm2d
         and not bn.training
         and bn.running_mean is not None
@@ -115,10 +121,6 @@ def _call_order_leaves(module: nn.Module) -> Optional[List[nn.Module]]:
     return None if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else [module]
 
 
-def _plain_conv(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and type(module).forward in _FOLDABLE_CONV_FORWARDS and not parametrize.is_parametrized(module)
-
-
 @torch.no_grad()
 def _scale_branch(leaves: List[nn.Module], input_scale: float, output_scale: float) -> None:
     first, last = leaves[0], leaves[-1]
@@ -141,7 +143,9 @@ def fold_halves_scalings(model: nn.Module) -> int:
         if type(block) is not HalvesResidual:
             continue
         residual, shortcut = _call_order_leaves(block.residual), _call_order_leaves(block.shortcut)
-        if not residual or shortcut is None or not all(_plain_conv(m) for m in (residual[0], residual[-1], *shortcut[:1], *shortcut[-1:])):
+        if not residual or shortcut is None:
+            continue
+        if not all(_plain_conv(end) for branch in (residual, shortcut) for end in branch[:1] + branch[-1:]):
             continue
         _scale_branch(residual, block.input_scale, block.output_scale)
         if shortcut:

@@ -98,7 +98,8 @@ def test_freeze_folds_converted_timm_models(name, remaining):
     model, _ = convert_model(timm.create_model(name, num_classes=10))
     model.eval()
     frozen = freeze(model)
-    assert batchnorm_count(model) > batchnorm_count(frozen) == remaining  # pre-activation BNs read no conv output and stay
+    # pre-activation BNs read no conv output and stay
+    assert batchnorm_count(model) > batchnorm_count(frozen) == remaining
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
@@ -112,7 +113,8 @@ def conv(cin, cout, stride=1):
 def test_fold_halves_scalings_keeps_outputs_and_skips_unfoldable_blocks():
     torch.manual_seed(0)
     model = nn.Sequential(
-        HalvesResidual(nn.Sequential(conv(3, 3), nn.Tanh(), nn.Sequential(conv(3, 3))), act=nn.Tanh()),  # identity shortcut
+        # identity shortcut
+        HalvesResidual(nn.Sequential(conv(3, 3), nn.Tanh(), nn.Sequential(conv(3, 3))), act=nn.Tanh()),
         HalvesResidual(nn.Sequential(conv(3, 4, 2), nn.Tanh(), conv(4, 4)), shortcut=conv(3, 4, 2), act=nn.Tanh()),
         HalvesResidual(nn.Sequential(conv(4, 4), nn.Tanh()), act=nn.Tanh()),  # ends with an activation: stays
     ).double().eval()

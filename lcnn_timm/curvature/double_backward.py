@@ -46,7 +46,9 @@ class _ConvWithTransposedBackward(torch.autograd.Function):
         size, stride, padding, dilation, groups = ctx.geometry
         # the rows/cols a strided convolution never reads need output_padding to reappear
         output_padding = tuple(
-            size[i] - ((grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+            size[i] - (
+                (grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1
+            )
             for i in range(2)
         )
         grad_x = F.conv_transpose2d(grad_out, weight, None, stride, padding, output_padding, groups, dilation)
@@ -57,9 +59,11 @@ def _conv2d(
         input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
         stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1,
 ) -> torch.Tensor:
-    if weight.requires_grad or isinstance(padding, str) or input.dim() != 4 or torch.is_autocast_enabled(input.device.type):
+    plain = weight.requires_grad or isinstance(padding, str) or input.dim() != 4
+    if plain or torch.is_autocast_enabled(input.device.type):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    out = _ConvWithTransposedBackward.apply(input, weight, to_2tuple(stride), to_2tuple(padding), to_2tuple(dilation), groups)
+    stride, padding, dilation = to_2tuple(stride), to_2tuple(padding), to_2tuple(dilation)
+    out = _ConvWithTransposedBackward.apply(input, weight, stride, padding, dilation, groups)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 

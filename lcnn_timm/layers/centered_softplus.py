@@ -137,7 +137,9 @@ class CenteredSoftplus(nn.Module):
             ``torch.inference_mode``), use :func:`compiled_centered_softplus`.
     """
 
-    def __init__(self, beta: float = 5.0, learnable: bool = True, inplace: bool = False, compiled_inference: bool = False):
+    def __init__(
+            self, beta: float = 5.0, learnable: bool = True, inplace: bool = False, compiled_inference: bool = False,
+    ):
         super().__init__()
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"CenteredSoftplus: beta must be a finite number > 0, got {beta!r}")
