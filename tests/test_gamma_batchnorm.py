@@ -59,3 +59,27 @@ def test_bad_input_rank_and_channels():
 def test_rejects_invalid_gamma(gamma):
     with pytest.raises(ValueError, match="gamma"):
         GammaBatchNorm2d(3, gamma=gamma)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1e-30, 1e-4])
+def test_gradients_finite_at_zero_lipschitz(weight):
+    # timm zero-initialises the last BN weight of residual blocks: L = 0 must not give NaN gradients
+    bn = GammaBatchNorm2d(4, affine=True)
+    bn.weight.data.fill_(weight)
+    bn(torch.randn(2, 4, 3, 3)).sum().backward()
+    assert torch.isfinite(bn.weight.grad).all() and torch.isfinite(bn.log_gamma.grad)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 10.0])  # clip active / inactive
+@pytest.mark.parametrize("training", [False, True])
+def test_clip_gradients_match_finite_differences(gamma, training):
+    bn = make(GammaBatchNorm2d, 3, gamma=gamma, affine=True).train(training)
+    bn.momentum = 0.0  # keep the running statistics fixed across gradcheck's evaluations
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, weight, log_gamma):
+        return torch.func.functional_call(bn, {"weight": weight, "log_gamma": log_gamma}, (x,))
+
+    weight = bn.weight.detach().clone().requires_grad_()
+    log_gamma = bn.log_gamma.detach().double().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, weight, log_gamma))

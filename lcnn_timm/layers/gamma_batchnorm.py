@@ -38,8 +38,14 @@ def batchnorm_lipschitz(bn: _BatchNorm) -> torch.Tensor:
 
 @torch.fx.wrap
 def _gamma_clip(log_gamma: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor], eps: float):
-    """``min(1, gamma / L)``; an fx leaf so that traced graphs read the live running statistics."""
-    return torch.clamp(log_gamma.exp() / _lipschitz(running_var, weight, eps), max=1.0)
+    """``min(1, gamma / L)``; an fx leaf so that traced graphs read the live running statistics.
+
+    Written as ``gamma / max(gamma, L)``: the same value, but finite gradients where ``L = 0`` (timm
+    zero-initialises the last BN weight of residual blocks), where ``clamp(gamma / L, max=1)`` gives
+    ``inf * 0 = NaN``.
+    """
+    gamma = log_gamma.exp()
+    return gamma / torch.maximum(gamma, _lipschitz(running_var, weight, eps))
 
 
 class _GammaBatchNorm(_BatchNorm):
