@@ -10,5 +10,6 @@ from .spectral_norm import (
     operator_norm,
     refresh_spectral_norms,
     remove_spectral_norms,
+    scriptable_copy,
     spectral_norm,
 )

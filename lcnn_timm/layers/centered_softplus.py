@@ -29,14 +29,17 @@ __all__ = ["CenteredSoftplus", "centered_softplus", "compiled_centered_softplus"
 _TAYLOR_RADIUS = 0.05
 
 
-def _centered_softplus(x: torch.Tensor, beta: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def _centered_softplus(
+    x: torch.Tensor, beta: torch.Tensor, inplace: bool = False, taylor_radius: float = _TAYLOR_RADIUS
+) -> torch.Tensor:
     """``(softplus(beta x) - log 2) / beta`` built from vectorised primitives.
 
     torch's own ``softplus``/``log1p``/``logaddexp`` kernels are ~7x slower than
     ``sigmoid``/``log`` on this CPU, so the closed form used is
     ``(max(t, 0) - log(2 sigmoid(|t|))) / beta``: overflow-free, and exactly 0 at 0.
     ``inplace`` reuses the intermediates' buffers, which is only valid where autograd
-    does not record the ops (the fused Function's forward).
+    does not record the ops (the fused Function's forward). ``taylor_radius`` is an argument
+    only because TorchScript cannot read module-level floats.
     """
     t = x * beta
     abs_t = t.abs()
@@ -46,7 +49,7 @@ def _centered_softplus(x: torch.Tensor, beta: torch.Tensor, inplace: bool = Fals
     else:  # under torch.compile autograd differentiates this composite and needs t and sigmoid(|t|) intact
         closed_form = (t.clamp_min(0) - torch.log(2 * torch.sigmoid(abs_t))) / beta
         taylor = x * (0.5 + 0.125 * t)
-    return torch.where(abs_t < _TAYLOR_RADIUS, taylor, closed_form)
+    return torch.where(abs_t < taylor_radius, taylor, closed_form)
 
 
 class _CenteredSoftplusFn(torch.autograd.Function):
@@ -156,6 +159,8 @@ class CenteredSoftplus(nn.Module):
         return self.log_beta.exp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot compile autograd Functions: differentiate the composite
+            return _centered_softplus(x, self.log_beta.exp().to(x.dtype))
         if self.compiled_inference and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return compiled_centered_softplus(x, self.log_beta)
         return centered_softplus(x, self.log_beta)

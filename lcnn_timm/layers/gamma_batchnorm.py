@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -91,7 +92,17 @@ class _GammaBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out = super().forward(input)
+        # _BatchNorm.forward's logic for always-tracked statistics, without super() (TorchScript has none)
+        if not torch.jit.is_scripting():
+            self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        out = F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, self.eps
+        )
         return out * _gamma_clip(self.log_gamma, self.running_var, self.weight, self.eps).to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ __all__ = ["FoldedHalvesResidual", "HalvesResidual"]
 class HalvesResidual(nn.Module):
     """``act((residual(x / sqrt 2) + shortcut(x / sqrt 2)) / 2)``; ``shortcut=None`` is the identity."""
 
+    __constants__ = ["input_scale", "output_scale"]  # class attributes TorchScript can read
     input_scale = 1.0 / math.sqrt(2.0)
     output_scale = 0.5
 

@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg
 from torch import nn
 
 from ..curvature.penalty import add_penalty_to_backward, penalty_weights
-from ..layers.spectral_norm import refresh_spectral_norms, spectral_norm
+from ..layers.spectral_norm import refresh_spectral_norms, scriptable_copy, spectral_norm
 from ._pretrained import filter_classifier
 
 __all__ = [
@@ -189,6 +189,11 @@ class CifarClassifier(nn.Module):
         self.reset_classifier(num_classes, global_pool)
         # every weight is initialised now: converge all power iterations once
         refresh_spectral_norms(self)
+
+    @torch.jit.ignore
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles a copy with the normalised weights baked (parametrizations are not scriptable)."""
+        return scriptable_copy(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
