@@ -57,7 +57,7 @@ def convert_model(
     beta: Optional[float] = None,
     gamma: float = 10.0,
     function_preserving: bool = False,
-    init_iterations: int = 30,
+    init_iterations: int = 100,
 ) -> Tuple[nn.Module, ConversionReport]:
     """Convert ``model`` to an LCNN: centered softplus, gamma-BN and operator-norm spectral normalisation.
 
@@ -70,7 +70,7 @@ def convert_model(
         gamma: initial gamma of the gamma-BNs (in function-preserving mode, raised to each BN's Lipschitz constant).
         function_preserving: keep a pretrained model's eval function: each spectral-norm scale is absorbed by the
             BatchNorm that follows the layer, gamma clips are opened, beta defaults large (see docs/converter.md).
-        init_iterations: power-iteration steps run for each new spectral norm.
+        init_iterations: at most this many Lanczos steps converge each new spectral norm (see ``spectral_norm``).
 
     Returns:
         The converted model (a copy unless ``inplace``; a ``torch.fx.GraphModule`` only when the model's own

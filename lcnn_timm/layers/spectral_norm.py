@@ -200,7 +200,9 @@ def lanczos_top_singular_value(
     if tol is None:
         tol = 1e-7 if start.dtype == torch.float64 else 2e-6
     shape = start.shape
-    basis = torch.zeros(max_steps + 1, start.numel(), dtype=start.dtype, device=start.device)
+    max_steps = min(max_steps, start.numel())  # the Krylov space cannot grow past the dimension
+    # grown by doubling: converging takes tens of steps, and max_steps rows of a large map would be gigabytes
+    basis = start.new_zeros(min(max_steps, 16) + 1, start.numel())
     basis[0] = _normalize(start.reshape(-1), 1e-30)
     alphas: List[float] = []
     betas: List[float] = []
@@ -224,6 +226,8 @@ def lanczos_top_singular_value(
         if invariant or (len(history) > 2 and history[-1] - history[-3] <= tol * abs(history[-1])):
             break
         betas.append(beta)
+        if step + 1 == basis.shape[0]:
+            basis = torch.cat([basis, torch.zeros_like(basis)])
         basis[step + 1] = w / beta
     vector = top_vector.to(start.dtype) @ basis[: top_vector.numel()]
     return math.sqrt(max(history[-1], 0.0)), _normalize(vector, 1e-30).view(shape)
