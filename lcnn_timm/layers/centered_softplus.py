@@ -36,16 +36,19 @@ def _centered_softplus(x: torch.Tensor, beta: torch.Tensor, inplace: bool = Fals
     ``sigmoid``/``log`` on this CPU, so the closed form used is
     ``(max(t, 0) - log(2 sigmoid(|t|))) / beta``: overflow-free, and exactly 0 at 0.
     ``inplace`` reuses the intermediates' buffers, which is only valid where autograd
-    does not record the ops (the fused Function's forward).
+    does not record the ops (the fused Function's forward): on CPU every fresh
+    activation-sized buffer costs page faults comparable to a pass over it.
     """
     t = x * beta
     abs_t = t.abs()
     if inplace:
-        closed_form = t.clamp_min(0).sub_(torch.sigmoid(abs_t).mul_(2).log_()).div_(beta)
+        near_zero = abs_t < _TAYLOR_RADIUS
+        closed_form = t.clamp_min(0).sub_(abs_t.sigmoid_().mul_(2).log_()).div_(beta)
         taylor = t.mul_(0.125).add_(0.5).mul_(x)
-    else:  # under torch.compile autograd differentiates this composite and needs t and sigmoid(|t|) intact
-        closed_form = (t.clamp_min(0) - torch.log(2 * torch.sigmoid(abs_t))) / beta
-        taylor = x * (0.5 + 0.125 * t)
+        return torch.where(near_zero, taylor, closed_form, out=closed_form)
+    # under torch.compile autograd differentiates this composite and needs t and sigmoid(|t|) intact
+    closed_form = (t.clamp_min(0) - torch.log(2 * torch.sigmoid(abs_t))) / beta
+    taylor = x * (0.5 + 0.125 * t)
     return torch.where(abs_t < _TAYLOR_RADIUS, taylor, closed_form)
 
 
@@ -68,12 +71,15 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, y, log_beta = ctx.saved_tensors
-        slope = torch.sigmoid(x * log_beta.exp().to(x.dtype))
+        slope = x * log_beta.exp().to(x.dtype)
+        # in place unless this backward is itself recorded (create_graph): sigmoid's backward needs its output
+        recorded = torch.is_grad_enabled()
+        slope = slope.sigmoid() if recorded else slope.sigmoid_()
         grad_x = grad_out * slope
         grad_log_beta = None
         if ctx.needs_input_grad[1]:
             # d s / d log_beta = beta * d s / d beta = x s'(x) - s(x)
-            ds_dlog_beta = (x * slope).sub_(y)
+            ds_dlog_beta = (x * slope).sub_(y) if recorded else slope.mul_(x).sub_(y)
             grad_log_beta = torch.tensordot(grad_out, ds_dlog_beta, dims=grad_out.dim())
             grad_log_beta = grad_log_beta.to(log_beta.dtype).reshape(log_beta.shape)
         return grad_x, grad_log_beta
