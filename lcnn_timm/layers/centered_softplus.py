@@ -32,8 +32,8 @@ _TAYLOR_RADIUS = 0.05
 def _centered_softplus(x: torch.Tensor, beta: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``(softplus(beta x) - log 2) / beta`` built from vectorised primitives.
 
-    torch's own ``softplus``/``log1p``/``logaddexp`` kernels are ~7x slower than
-    ``sigmoid``/``log`` on this CPU, so the closed form used is
+    torch's own ``softplus``/``log1p``/``logaddexp`` kernels are several times slower than
+    ``sigmoid``/``log`` on AVX2 CPUs (docs/layers.md), so the closed form used is
     ``(max(t, 0) - log(2 sigmoid(|t|))) / beta``: overflow-free, and exactly 0 at 0.
     ``inplace`` reuses the intermediates' buffers, which is only valid where autograd
     does not record the ops (the fused Function's forward): on CPU every fresh
