@@ -83,3 +83,40 @@ def test_clip_gradients_match_finite_differences(gamma, training):
     weight = bn.weight.detach().clone().requires_grad_()
     log_gamma = bn.log_gamma.detach().double().clone().requires_grad_()
     assert torch.autograd.gradcheck(f, (x, weight, log_gamma))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_folded_clip_equals_batchnorm_times_clip(affine, momentum, training):
+    # the clip is folded into batch_norm's affine parameters; check it against the unfused definition
+    # bn(x) * min(1, gamma / L) with L from the running variance before this batch's update
+    layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=affine).train(training)
+    layer.momentum = momentum
+    plain = torch.nn.BatchNorm2d(3, affine=affine, momentum=momentum).double().train(training)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for _ in range(2):  # the second step checks the cumulative-average count too
+        lipschitz = ((plain.running_var + plain.eps).rsqrt() * (plain.weight.abs() if affine else 1)).max()
+        clip = torch.clamp(layer.gamma.double() / lipschitz, max=1)
+        expected = plain(x) * clip
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layer, name), getattr(plain, name), rtol=1e-12, atol=0)
+    assert clip.item() < 1  # the clip is active, so a dropped or misplaced factor shows
+
+
+def test_folded_clip_gradients_match_unfused():
+    layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=True).train()
+    plain = torch.nn.BatchNorm2d(3).double().train()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    log_gamma = layer.log_gamma.detach().clone().requires_grad_()
+    lipschitz = ((plain.running_var + plain.eps).rsqrt() * plain.weight.abs()).max()
+    gamma = log_gamma.exp()
+    unfused = plain(x) * (gamma / torch.maximum(gamma, lipschitz))
+    expected = torch.autograd.grad(unfused, (x, plain.weight, plain.bias, log_gamma), grad)
+    actual = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias, layer.log_gamma), grad)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

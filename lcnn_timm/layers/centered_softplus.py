@@ -34,21 +34,24 @@ def _centered_softplus(
 ) -> torch.Tensor:
     """``(softplus(beta x) - log 2) / beta`` built from vectorised primitives.
 
-    torch's own ``softplus``/``log1p``/``logaddexp`` kernels are ~7x slower than
-    ``sigmoid``/``log`` on this CPU, so the closed form used is
+    torch's own ``softplus``/``log1p``/``logaddexp`` kernels are several times slower than
+    ``sigmoid``/``log`` on AVX2 CPUs (docs/layers.md), so the closed form used is
     ``(max(t, 0) - log(2 sigmoid(|t|))) / beta``: overflow-free, and exactly 0 at 0.
     ``inplace`` reuses the intermediates' buffers, which is only valid where autograd
-    does not record the ops (the fused Function's forward). ``taylor_radius`` is an argument
-    only because TorchScript cannot read module-level floats.
+    does not record the ops (the fused Function's forward): on CPU every fresh
+    activation-sized buffer costs page faults comparable to a pass over it.
+    ``taylor_radius`` is an argument only because TorchScript cannot read module-level floats.
     """
     t = x * beta
     abs_t = t.abs()
     if inplace:
-        closed_form = t.clamp_min(0).sub_(torch.sigmoid(abs_t).mul_(2).log_()).div_(beta)
+        near_zero = abs_t < taylor_radius
+        closed_form = t.clamp_min(0).sub_(abs_t.sigmoid_().mul_(2).log_()).div_(beta)
         taylor = t.mul_(0.125).add_(0.5).mul_(x)
-    else:  # under torch.compile autograd differentiates this composite and needs t and sigmoid(|t|) intact
-        closed_form = (t.clamp_min(0) - torch.log(2 * torch.sigmoid(abs_t))) / beta
-        taylor = x * (0.5 + 0.125 * t)
+        return torch.where(near_zero, taylor, closed_form, out=closed_form)
+    # under torch.compile autograd differentiates this composite and needs t and sigmoid(|t|) intact
+    closed_form = (t.clamp_min(0) - torch.log(2 * torch.sigmoid(abs_t))) / beta
+    taylor = x * (0.5 + 0.125 * t)
     return torch.where(abs_t < taylor_radius, taylor, closed_form)
 
 
@@ -71,12 +74,15 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, y, log_beta = ctx.saved_tensors
-        slope = torch.sigmoid(x * log_beta.exp().to(x.dtype))
+        slope = x * log_beta.exp().to(x.dtype)
+        # in place unless this backward is itself recorded (create_graph): sigmoid's backward needs its output
+        recorded = torch.is_grad_enabled()
+        slope = slope.sigmoid() if recorded else slope.sigmoid_()
         grad_x = grad_out * slope
         grad_log_beta = None
         if ctx.needs_input_grad[1]:
             # d s / d log_beta = beta * d s / d beta = x s'(x) - s(x)
-            ds_dlog_beta = (x * slope).sub_(y)
+            ds_dlog_beta = (x * slope).sub_(y) if recorded else slope.mul_(x).sub_(y)
             grad_log_beta = torch.tensordot(grad_out, ds_dlog_beta, dims=grad_out.dim())
             grad_log_beta = grad_log_beta.to(log_beta.dtype).reshape(log_beta.shape)
         return grad_x, grad_log_beta

@@ -1,0 +1,218 @@
+"""Training-step cost of lcnn_resnet18 against a ReLU ResNet-18 and the reference code, side by side in one run.
+
+One step = forward, cross-entropy, backward, SGD (momentum 0.9) update, on a
+fixed random batch (default 128 x 3 x 32 x 32, 100 classes). The variants are
+timed round-robin, best of ``--reps`` (after one warm-up step each), so that load
+from other processes on a shared machine hits them alike.
+
+* relu:       timm ``resnet18`` with a CIFAR stem (3x3 stride-1 conv, no max-pool): ReLU, affine BN, x + F(x) blocks
+* standard:   ``cifar_resnet18``, the paper's baseline (halves blocks, softplus beta=1000, plain BN, SN head)
+* lcnn:       ``lcnn_resnet18``
+* reference:  ``resnet18lcnn`` of the reference code (kylematoba/lcnn), imported from ``--reference PATH``
+              (a checkout's root; the column is skipped with a message when absent)
+
+``--breakdown`` adds ablations of lcnn_resnet18 that attribute its extra cost to
+its parts (the differences between rows):
+
+* lcnn_no_power_iter: the per-step power iteration of the spectral norms switched off (sigma still computed)
+* lcnn_no_conv_sn:    plain convs (head still spectrally normalised)
+* lcnn_bn:            plain affine-free BatchNorm instead of gamma-BN
+* lcnn_relu_act:      ReLU instead of centered softplus
+* halves_relu:        halves blocks with ReLU, plain BN, plain convs (the block structure's own cost against relu)
+
+``--profile`` prints torch.profiler's table of the lcnn step's most expensive ops.
+
+    python benchmarks/bench_step.py --reference /tmp/lcnn_ref [--reps 5] [--batch-size 128] [--threads 1]
+        [--dtype fp32|bf16] [--breakdown] [--profile] [--device cpu|cuda] [--only NAME ...]
+
+Run it from the repository root with ``PYTHONPATH=.`` to time a checkout rather than the installed package.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+from functools import partial
+from typing import Callable, Dict, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+
+import lcnn_timm  # noqa: F401  (registers the models)
+from lcnn_timm.layers import OperatorSpectralNorm
+
+NUM_CLASSES = 100
+
+
+def relu_resnet18(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """timm's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv and no max-pool."""
+    model = timm.create_model("resnet18", num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def reference_resnet18lcnn(path: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """``resnet18lcnn`` built by the reference code's own model selector (imported from ``path``)."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from models.model_selector import model_architecture  # the reference checkout's top-level package
+
+    return model_architecture["resnet18lcnn"](num_classes=num_classes)
+
+
+def without_power_iteration(model: nn.Module) -> nn.Module:
+    """Stop the spectral norms' per-step power iteration (eval-mode parametrizations still divide by sigma)."""
+    model.train = partial(_train_keeping_norms_frozen, model)
+    model.train()
+    return model
+
+
+def _train_keeping_norms_frozen(model: nn.Module, mode: bool = True) -> nn.Module:
+    nn.Module.train(model, mode)
+    for module in model.modules():
+        if isinstance(module, OperatorSpectralNorm):
+            module.training = False
+    return model
+
+
+def build_variants(reference: Optional[str], breakdown: bool) -> Dict[str, Callable[[], nn.Module]]:
+    plain = dict(norm_layer=partial(nn.BatchNorm2d, affine=False))
+    variants = {
+        "relu": relu_resnet18,
+        "standard": lambda: timm.create_model("cifar_resnet18", num_classes=NUM_CLASSES),
+        "lcnn": lambda: timm.create_model("lcnn_resnet18", num_classes=NUM_CLASSES),
+    }
+    if reference is not None:
+        variants["reference"] = partial(reference_resnet18lcnn, reference)
+    if breakdown:
+        variants.update({
+            "lcnn_no_power_iter": lambda: without_power_iteration(timm.create_model("lcnn_resnet18")),
+            "lcnn_no_conv_sn": lambda: timm.create_model("lcnn_resnet18", conv_spectral_norm=False),
+            "lcnn_bn": lambda: timm.create_model("lcnn_resnet18", **plain),
+            "lcnn_relu_act": lambda: timm.create_model("lcnn_resnet18", act_layer="relu"),
+            "halves_relu": lambda: timm.create_model("cifar_resnet18", act_layer="relu", head_spectral_norm=False),
+        })
+    return variants
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               amp_dtype: Optional[torch.dtype]) -> None:
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_seconds(models: Dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor, reps: int,
+                 amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Tuple[float, float]]:
+    """(wall, CPU) seconds of the fastest of ``reps`` training steps per model, interleaved round-robin.
+
+    One warm-up step each first. The CPU time is this thread's (``time.thread_time``): with one
+    intra-op thread it is the step's own work, which other processes on a shared machine do not
+    inflate the way they inflate wall time. On CUDA it is not meaningful and equals the wall time.
+    """
+    cpu_clock = time.thread_time if images.device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
+    times = {name: [] for name in models}
+    for rep in range(reps + 1):
+        for name, model in models.items():
+            _sync(images.device)
+            wall, cpu = time.perf_counter(), cpu_clock()
+            train_step(model, optimizers[name], images, labels, amp_dtype)
+            _sync(images.device)
+            if rep:
+                times[name].append((time.perf_counter() - wall, cpu_clock() - cpu))
+    return {name: (min(t[0] for t in values), min(t[1] for t in values)) for name, values in times.items()}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether the hardware runs bf16 natively (on CPU: oneDNN's AVX512-BF16/AMX check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def run_conditions(device: torch.device) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), " \
+                f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    return f"torch {torch.__version__}, timm {timm.__version__}, {where}"
+
+
+def print_profile(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype: Optional[torch.dtype],
+                  rows: int = 25) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    train_step(model, optimizer, images, labels, amp_dtype)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if images.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(model, optimizer, images, labels, amp_dtype)
+    sort = "self_cuda_time_total" if images.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", default=None, help="root of a kylematoba/lcnn checkout (its column is skipped if absent)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--breakdown", action="store_true", help="also time ablations of lcnn_resnet18")
+    parser.add_argument("--profile", action="store_true", help="print the profiler's op table of one lcnn step")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="time only these variants (relu is always timed)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available here; run with --device cpu")
+    torch.set_num_threads(args.threads)
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    if amp_dtype is not None and not bf16_supported(device):
+        print(f"note: this {device.type} has no native bf16; bf16 autocast is emulated and slow (timed anyway)")
+    reference = args.reference
+    if reference is not None and not os.path.isfile(os.path.join(reference, "models", "model_selector.py")):
+        print(f"no reference checkout at {reference!r} (expected models/model_selector.py): reference column skipped")
+        reference = None
+    elif reference is None:
+        print("no --reference PATH given: reference column skipped")
+
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    variants = build_variants(reference, args.breakdown or bool(args.only))
+    if args.only:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            sys.exit(f"--only: unknown variant(s) {sorted(unknown)}; choose from {sorted(variants)}")
+        variants = {name: build for name, build in variants.items() if name == "relu" or name in args.only}
+    models = {name: build().to(device).train() for name, build in variants.items()}
+    print(f"{run_conditions(device)}; batch {args.batch_size}, {args.img_size}x{args.img_size}, {NUM_CLASSES} classes, "
+          f"{args.dtype}, best of {args.reps} interleaved steps")
+    seconds = step_seconds(models, images, labels, args.reps, amp_dtype)
+    clock = "thread CPU" if device.type == "cpu" and args.threads == 1 else "wall"
+    print(f"{'':>20}  {'wall ms':>9} {'CPU ms':>9}   ratios of {clock} time")
+    for name, (wall, cpu) in seconds.items():
+        ratios = f"{cpu / seconds['relu'][1]:.2f}x relu"
+        if "reference" in seconds:
+            ratios += f", {cpu / seconds['reference'][1]:.2f}x reference"
+        print(f"{name:>20}: {wall * 1e3:9.1f} {cpu * 1e3:9.1f}   {ratios}")
+    if args.profile and "lcnn" in models:
+        print_profile(models["lcnn"], images, labels, amp_dtype)
+
+
+if __name__ == "__main__":
+    main()
