@@ -487,3 +487,30 @@ def test_tags_without_weights_say_how_to_produce_them(tag, hint):
 def test_load_pretrained_is_reachable_as_documented():
     import lcnn_timm as package
     assert package.hub.load_pretrained is load_pretrained
+
+
+@pytest.mark.slow
+def test_wheel_install_loads_the_tag_offline(tmp_path):
+    """A wheel built from this tree, installed alone into an empty folder, loads the tag with the Hub offline."""
+    import subprocess
+    import sys
+    root = tmp_path / 'src'  # a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(Path(__file__).resolve().parent.parent, root, symlinks=True, ignore=shutil.ignore_patterns(
+        '.git', 'build', '*.egg-info', '__pycache__', 'tests', 'benchmarks', 'docs', 'results'))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', str(root), '--no-deps', '--no-build-isolation', '-q',
+                    '-w', str(tmp_path / 'wheel')], check=True, cwd=tmp_path)
+    wheel = next((tmp_path / 'wheel').glob('lcnn_timm-*.whl'))
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(tmp_path / 'site'),
+                    str(wheel)], check=True, cwd=tmp_path)
+    script = (
+        'import sys, pathlib, timm, torch, safetensors.torch; sys.path.insert(0, sys.argv[1]); import lcnn_timm\n'
+        'assert pathlib.Path(lcnn_timm.__file__).is_relative_to(sys.argv[1]), lcnn_timm.__file__\n'
+        f'model = timm.create_model("{SHIPPED[0]}", pretrained=True)\n'
+        'saved = safetensors.torch.load_file(sys.argv[2])\n'
+        'assert sorted(saved) == sorted(model.state_dict())\n'
+        'assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n'
+    )
+    env = {k: v for k, v in __import__('os').environ.items() if k != 'PYTHONPATH'}
+    env.update(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty_cache'))
+    subprocess.run([sys.executable, '-c', script, str(tmp_path / 'site'),
+                    str(HUB_CARDS / SHIPPED[0] / 'model.safetensors')], check=True, cwd=tmp_path, env=env)
