@@ -129,9 +129,13 @@ def test_default_cfg(tag):
 def test_pretrained_loads(tag):
     """timm's test_model_load_pretrained / test_model_features_pretrained (the weights are shipped: offline)."""
     timm.create_model(tag, pretrained=True, in_chans=1, num_classes=5)
-    assert timm.create_model(tag, pretrained=True, in_chans=1, num_classes=0).num_classes == 0
-    features = timm.create_model(tag, pretrained=True, features_only=True)
-    assert len(features(torch.rand(1, *timm.get_pretrained_cfg(tag).input_size))) == 5
+    backbone = timm.create_model(tag, pretrained=True, in_chans=1, num_classes=0).eval()
+    assert backbone.num_classes == 0
+    features = timm.create_model(tag, pretrained=True, features_only=True).eval()
+    x = torch.rand(1, *timm.get_pretrained_cfg(tag).input_size)
+    maps = features(x)
+    assert len(maps) == 5
+    torch.testing.assert_close(maps[-1], backbone.forward_features(x), rtol=0, atol=0)  # the same loaded weights
 
 
 @pytest.mark.parametrize("fx", [False, True], ids=["script", "fx_script"])
