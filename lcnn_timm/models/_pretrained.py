@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 from torch import nn
@@ -210,8 +211,6 @@ def _weights_file(cfg: Dict[str, Any]) -> Optional[Path]:
     if kind == "local-dir":
         return Path(location) / WEIGHTS_NAME
     if kind == "hf-hub":
-        from huggingface_hub import try_to_load_from_cache
-
         repo_id, filename = location if isinstance(location, (tuple, list)) else (location, WEIGHTS_NAME)
         repo_id, _, revision = repo_id.partition("@")
         cached = try_to_load_from_cache(repo_id, filename, revision=revision or None)  # never downloads
