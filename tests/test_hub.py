@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+import lcnn_timm
 from lcnn_timm.curvature import curvature_penalty, curvature_upper_bound
+from lcnn_timm.data import load_fashion_mnist
 from lcnn_timm.hub import HubError, load_pretrained, regenerate_cards, verify_repo_folder
 from lcnn_timm.hub.cli import main as push_main
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, spectral_norm
@@ -117,16 +119,25 @@ def offline_cache(trained, tmp_path, monkeypatch):
     huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE into `constants` at import time, so the constants
     themselves are patched (the environment too, for anything importing later).
     """
+    return _offline_hub(tmp_path, monkeypatch, {REPO_ID: trained['repo']})[REPO_ID]
+
+
+def _offline_hub(tmp_path, monkeypatch, repos):
+    """A Hugging Face cache holding a copy of each ``{repo_id: folder}``, with the Hub switched offline;
+    returns each repository's snapshot folder."""
     sha = 'a' * 40
-    repo = tmp_path / 'hub' / f'models--{REPO_ID.replace("/", "--")}'
-    shutil.copytree(trained['repo'], repo / 'snapshots' / sha)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(sha)
+    snapshots = {}
+    for repo_id, folder in repos.items():
+        repo = tmp_path / 'hub' / f'models--{repo_id.replace("/", "--")}'
+        shutil.copytree(folder, repo / 'snapshots' / sha)
+        (repo / 'refs').mkdir()
+        (repo / 'refs' / 'main').write_text(sha)
+        snapshots[repo_id] = repo / 'snapshots' / sha
     for name, value in (('HF_HUB_OFFLINE', '1'), ('HF_HUB_CACHE', str(tmp_path / 'hub'))):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
-    return repo / 'snapshots' / sha
+    return snapshots
 
 
 def _output(model, x):
@@ -366,3 +377,137 @@ def test_every_published_tag_has_a_staged_repository_that_loads(name):
         assert torch.equal(staged(x), tagged(x))
     results = json.loads((folder / 'results.json').read_text())
     assert f"{results['metrics']['accuracy']['value']:.2f}" in (folder / 'README.md').read_text()
+
+
+# The Fashion-MNIST zoo weights shipped with the package (lcnn_timm/pretrained/, links to hub_cards/<tag>/).
+HUB_CARDS = Path(__file__).resolve().parent.parent / 'hub_cards'
+SHIPPED = ['lcnn_resnet18_025.fmnist', 'lcnn_resnet18_025.fmnist_gradreg']
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+
+
+def _assert_state_dict_is_file(model, path):
+    """Every tensor of the model is the file's, and the file has no other (a strict load)."""
+    saved = safetensors.torch.load_file(str(path))
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(saved)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_only_tags_with_weights_are_listed():
+    assert timm.list_models(module=['cifar_resnet', 'cifar_vgg'], pretrained=True) == SHIPPED
+    assert sorted(p.name for p in lcnn_timm.models._pretrained.PRETRAINED_DIR.iterdir()) == \
+        [f'{tag}.safetensors' for tag in SHIPPED]
+
+
+@pytest.mark.parametrize('tag', SHIPPED)
+def test_shipped_weights_load_offline_and_strictly(tag, hub_offline):
+    cfg = timm.get_pretrained_cfg(tag)
+    assert cfg.hf_hub_id == f'lcnn-timm/{tag}'  # the Hub copy, used when no file is installed
+    assert Path(cfg.file).resolve() == (HUB_CARDS / tag / 'model.safetensors').resolve()
+    _assert_state_dict_is_file(timm.create_model(tag, pretrained=True), HUB_CARDS / tag / 'model.safetensors')
+
+
+def test_shipped_weights_classify_fashion_mnist(hub_offline):
+    """On the first 1000 test images, within 3 points of the accuracy results.json records for all 10000."""
+    try:
+        images, labels = load_fashion_mnist('test')
+    except (FileNotFoundError, OSError) as error:
+        pytest.skip(f'Fashion-MNIST is not installed: {error}')
+    tag = SHIPPED[0]
+    model = timm.create_model(tag, pretrained=True).eval()
+    config = timm.data.resolve_data_config(model=model)
+    assert config['mean'] == (0.0,) and config['std'] == (1.0,)  # raw [0, 1] pixels, as trained
+    with torch.no_grad():
+        correct = (model(images[:1000].float() / 255).argmax(1) == labels[:1000]).float().mean().item()
+    recorded = json.loads((HUB_CARDS / tag / 'results.json').read_text())['metrics']['accuracy']['value']
+    assert abs(100 * correct - recorded) < 3, (100 * correct, recorded)
+
+
+def test_tag_falls_back_to_the_hub_without_the_file(tmp_path, monkeypatch):
+    tag = SHIPPED[1]
+    snapshot = _offline_hub(tmp_path, monkeypatch, {f'lcnn-timm/{tag}': HUB_CARDS / tag})[f'lcnn-timm/{tag}']
+    model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=None))
+    _assert_state_dict_is_file(model, snapshot / 'model.safetensors')
+    _assert_state_dict_is_file(load_pretrained(f'hf-hub:lcnn-timm/{tag}'), snapshot / 'model.safetensors')
+
+
+def _truncated(path, tmp_path):
+    bad = tmp_path / 'model.safetensors'
+    bad.write_bytes(Path(path).read_bytes()[:100_000])
+    return bad
+
+
+def test_corrupt_file_gives_the_same_error_as_load_pretrained(tmp_path, monkeypatch):
+    tag = SHIPPED[0]
+    bad = _truncated(HUB_CARDS / tag / 'model.safetensors', tmp_path)
+    overlay = dict(pretrained_cfg_overlay=dict(file=str(bad)))
+    with pytest.raises(HubError, match='corrupt or truncated') as plain:
+        timm.create_model('cifar_resnet18_025.fmnist', pretrained=True, **overlay)  # the baseline: built in 0.1 s
+    with pytest.raises(HubError) as checked:
+        load_pretrained('cifar_resnet18_025.fmnist', **overlay)
+    assert str(plain.value) == str(checked.value)
+    # the same through the Hub cache: a corrupt download
+    snapshot = _offline_hub(tmp_path / 'cache', monkeypatch, {f'lcnn-timm/{tag}': tmp_path})[f'lcnn-timm/{tag}']
+    shutil.copy(HUB_CARDS / tag / 'config.json', snapshot / 'config.json')
+    with pytest.raises(HubError, match='corrupt or truncated') as plain:
+        timm.create_model(f'hf-hub:lcnn-timm/{tag}', pretrained=True)
+    with pytest.raises(HubError) as checked:
+        load_pretrained(f'hf-hub:lcnn-timm/{tag}')
+    assert str(plain.value) == str(checked.value)
+
+
+def test_wrong_architecture_and_channels_are_named():
+    weights = str(HUB_CARDS / SHIPPED[0] / 'model.safetensors')
+    with pytest.raises(HubError, match=r"does not match architecture 'cifar_resnet18_025'.*missing.*unexpected"):
+        timm.create_model('cifar_resnet18_025.fmnist', pretrained=True, pretrained_cfg_overlay=dict(file=weights))
+    with pytest.raises(HubError, match=r'in_chans.*shape mismatch: stem\.conv\.parametrizations\.weight\.original: '
+                                       r'\(16, 1, 3, 3\) there, \(16, 3, 3, 3\) in the model'):
+        timm.create_model(SHIPPED[0], pretrained=True, in_chans=3)
+    # the head is replaced, not checked, when num_classes differs
+    assert timm.create_model(SHIPPED[0], pretrained=True, num_classes=4).fc.out_features == 4
+
+
+@pytest.mark.parametrize('tag, hint', [
+    ('lcnn_resnet18.cifar100_gradreg', 'lcnn-timm reproduce --zoo cifar100'),
+    ('lcnn_vgg11.fmnist', 'No zoo config trains lcnn_vgg11'),
+])
+def test_tags_without_weights_say_how_to_produce_them(tag, hint):
+    with pytest.raises(RuntimeError, match=f'No pretrained weights exist for {re.escape(tag)}.*{hint}'):
+        timm.create_model(tag, pretrained=True)
+
+
+def test_load_pretrained_is_reachable_as_documented():
+    import lcnn_timm as package
+    assert package.hub.load_pretrained is load_pretrained
+
+
+@pytest.mark.slow
+def test_wheel_install_loads_the_tag_offline(tmp_path):
+    """A wheel built from this tree, installed alone into an empty folder, loads the tag with the Hub offline."""
+    import subprocess
+    import sys
+    root = tmp_path / 'src'  # a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(Path(__file__).resolve().parent.parent, root, symlinks=True, ignore=shutil.ignore_patterns(
+        '.git', 'build', '*.egg-info', '__pycache__', 'tests', 'benchmarks', 'docs', 'results'))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', str(root), '--no-deps', '--no-build-isolation', '-q',
+                    '-w', str(tmp_path / 'wheel')], check=True, cwd=tmp_path)
+    wheel = next((tmp_path / 'wheel').glob('lcnn_timm-*.whl'))
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(tmp_path / 'site'),
+                    str(wheel)], check=True, cwd=tmp_path)
+    script = (
+        'import sys, pathlib, timm, torch, safetensors.torch; sys.path.insert(0, sys.argv[1]); import lcnn_timm\n'
+        'assert pathlib.Path(lcnn_timm.__file__).is_relative_to(sys.argv[1]), lcnn_timm.__file__\n'
+        f'model = timm.create_model("{SHIPPED[0]}", pretrained=True)\n'
+        'saved = safetensors.torch.load_file(sys.argv[2])\n'
+        'assert sorted(saved) == sorted(model.state_dict())\n'
+        'assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n'
+    )
+    env = {k: v for k, v in __import__('os').environ.items() if k != 'PYTHONPATH'}
+    env.update(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty_cache'))
+    subprocess.run([sys.executable, '-c', script, str(tmp_path / 'site'),
+                    str(HUB_CARDS / SHIPPED[0] / 'model.safetensors')], check=True, cwd=tmp_path, env=env)

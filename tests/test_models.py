@@ -228,3 +228,26 @@ def test_freeze_keeps_eval_outputs(name):
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, HalvesResidual)) for m in frozen.modules())  # all folded
     assert all(is_spectral_normalized(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     model(x)  # the original still works: its parametrized classes are untouched
+
+
+def test_global_pool_follows_timm():
+    """'' is no pooling (4-D map, no classifier allowed), 'flatten' the reference VGG head, timm types pool."""
+    vgg = timm.create_model(
+        "lcnn_vgg11", img_size=32, num_classes=5, stage_channels=((4,), (8,), (8, 8), (8, 8), (8, 8))
+    ).eval()
+    assert vgg.global_pool.pool_type == "flatten" and vgg.fc.in_features == vgg.head_hidden_size == 8 * 2 * 2
+    x = torch.rand(2, 3, 32, 32)
+    features = vgg.forward_features(x)
+    assert features.shape == (2, 8, *timm.get_pretrained_cfg("lcnn_vgg11.cifar100").pool_size)
+    vgg.reset_classifier(0)
+    torch.testing.assert_close(vgg(x), features.flatten(1), rtol=0, atol=0)
+    vgg.reset_classifier(0, "")
+    torch.testing.assert_close(vgg(x), features, rtol=0, atol=0)
+    vgg.reset_classifier(0, "catavgmax")
+    expected = torch.cat([features.mean((2, 3)), features.amax((2, 3))], 1)
+    torch.testing.assert_close(vgg(x), expected)
+    assert vgg.head_hidden_size == 16
+    vgg.reset_classifier(3, "catavgmax")
+    assert vgg.fc.in_features == 16 and vgg(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        timm.create_model("lcnn_resnet18", global_pool="", **SMALL)

@@ -7,6 +7,7 @@ from .push import (
     create_model_from_checkpoint,
     load_checkpoint,
     load_pretrained,
+    read_weights,
     push_checkpoint,
     resolve_token,
     upload_repo_folder,

@@ -22,7 +22,7 @@ from ..curvature.penalty import lcnn_parameters
 from .card import CARD_META_KEY, render_card_for_folder
 
 __all__ = [
-    'HubError', 'HubAuthError', 'load_checkpoint', 'check_state_dict', 'create_model_from_checkpoint',
+    'HubError', 'HubAuthError', 'load_checkpoint', 'read_weights', 'check_state_dict', 'create_model_from_checkpoint',
     'write_repo_folder', 'verify_repo_folder', 'load_pretrained', 'resolve_token', 'upload_repo_folder',
     'push_checkpoint', 'DEFAULT_COMMIT_MESSAGE',
 ]
@@ -67,13 +67,21 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise HubError(f'checkpoint {str(path)!r} could not be read as a torch/safetensors checkpoint: {e}') from e
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Raise HubError naming the missing, unexpected and mis-shaped tensors when ``state_dict`` does not fit ``model``."""
+def check_state_dict(
+        model: torch.nn.Module,
+        state_dict: Dict[str, torch.Tensor],
+        source: str,
+        ignore_missing: Sequence[str] = (),
+) -> None:
+    """Raise HubError naming the missing, unexpected and mis-shaped tensors when ``state_dict`` does not fit ``model``.
+
+    Model tensors whose names start with one of ``ignore_missing`` may be absent (e.g. a classifier being replaced).
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    missing = [k for k in expected if k not in state_dict and not k.startswith(tuple(ignore_missing))]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [
-        f'{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model'
+        f'{k}: {tuple(state_dict[k].shape)} there, {tuple(v.shape)} in the model'
         for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or mis_shaped):
@@ -199,9 +207,13 @@ def _read_config(folder: Path) -> Dict[str, Any]:
     return cfg
 
 
-def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+def read_weights(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """A weights file's tensors (safetensors, else any checkpoint timm reads); HubError if missing or unreadable."""
+    path = Path(path)
+    if path.suffix != '.safetensors':
+        return load_checkpoint(path)
     if not path.is_file():
-        raise HubError(f'{str(path)!r} is missing: the repository has no weights.')
+        raise HubError(f'{str(path)!r} is missing: there are no weights to load.')
     try:
         with safe_open(str(path), framework='pt') as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -221,7 +233,7 @@ def verify_repo_folder(folder: Union[str, Path], model: Optional[torch.nn.Module
     arch = cfg['architecture']
     if not timm.is_model(arch):
         raise HubError(f'{str(folder / CONFIG_NAME)!r} names an unknown model: {_registry_hint(arch)}')
-    state_dict = _read_safetensors(folder / WEIGHTS_NAME)
+    state_dict = read_weights(folder / WEIGHTS_NAME)
     if model is None:
         model_args = dict(cfg.get('model_args') or {})
         model_args.setdefault('num_classes', cfg.get('num_classes'))
@@ -258,6 +270,8 @@ def load_pretrained(model_name: str, **kwargs: Any) -> torch.nn.Module:
     """
     try:
         return timm.create_model(model_name, pretrained=True, **kwargs)
+    except HubError:
+        raise  # the LCNN models check their weights themselves
     except Exception as error:
         failure = error
     # outside the except block, so a HubError does not drag timm's traceback along as its context

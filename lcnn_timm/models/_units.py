@@ -13,14 +13,16 @@ from typing import Any, Callable, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d, get_act_layer, get_device_dtype, get_norm_layer
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, checkpoint_seq
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..curvature.penalty import add_penalty_to_backward, penalty_weights
 from ..layers.spectral_norm import refresh_spectral_norms, scriptable_copy, spectral_norm
-from ._pretrained import filter_classifier
+from ._pretrained import explain_pretrained_failure, filter_classifier, require_weights
 
 __all__ = [
+    "FLATTEN_POOL",
     "STANDARD_LAYERS",
     "CifarClassifier",
     "ConvNormAct",
@@ -28,6 +30,7 @@ __all__ = [
     "conv_output_size",
     "create_cifar_model",
     "create_head",
+    "create_pool",
     "lcnn_no_weight_decay",
     "resolve_act_layer",
     "resolve_norm_layer",
@@ -118,6 +121,18 @@ class ConvNormAct(nn.Sequential):
         self.output_size = conv_output_size(input_size, kernel_size, stride)
 
 
+FLATTEN_POOL = "flatten"  # global_pool value: no pooling, the Linear head sees every position (the reference VGG)
+
+
+def create_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's global pool for ``pool_type``, plus ``'flatten'`` (flatten the whole map); ``''`` keeps the 4-D map."""
+    if pool_type != FLATTEN_POOL:
+        return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+    pool = SelectAdaptivePool2d(pool_type="", flatten=True)
+    pool.pool_type = FLATTEN_POOL  # timm records this string (config.json, model_args) to rebuild the head
+    return pool
+
+
 def create_head(
     num_features: int,
     feature_size: Tuple[int, int],
@@ -127,16 +142,22 @@ def create_head(
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> Tuple[SelectAdaptivePool2d, nn.Module]:
-    """Global pool (flattening, even with ``pool_type=''``) and a Linear classifier.
+    """Global pool and a Linear classifier.
 
     ``num_features`` channels of spatial size ``feature_size`` reach the head;
-    with ``pool_type=''`` (no pooling) the Linear sees all of them. With
-    ``spectral`` the Linear is normalised by its spectral norm (converged now).
+    with ``pool_type='flatten'`` the Linear sees all of them; ``pool_type=''`` (no
+    pooling, timm's convention) leaves the 4-D map and so allows no classifier.
+    With ``spectral`` the Linear is normalised by its spectral norm (converged now).
     """
-    global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+    global_pool = create_pool(pool_type)
     if num_classes <= 0:
         return global_pool, nn.Identity()
-    positions = global_pool.feat_mult() if pool_type else feature_size[0] * feature_size[1]
+    if not pool_type:
+        raise ValueError(
+            f"global_pool='' (no pooling) leaves a 4-D feature map, so it needs num_classes=0 (got {num_classes}); "
+            f"global_pool='{FLATTEN_POOL}' puts the Linear head on the whole flattened map"
+        )
+    positions = feature_size[0] * feature_size[1] if pool_type == FLATTEN_POOL else global_pool.feat_mult()
     fc = nn.Linear(num_features * positions, num_classes, device=device, dtype=dtype)
     if spectral:
         spectral_norm(fc)
@@ -157,14 +178,26 @@ def create_cifar_model(model_cls: type, variant: str, pretrained: bool = False, 
     ``create_model`` arguments, so a model re-created from an export trains with the same penalty.
     """
     penalty = kwargs.pop("curvature_penalty", None)
-    model = build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=filter_classifier,
-        feature_cfg=dict(flatten_sequential=True),
-        **kwargs,
-    )
+    if pretrained:
+        require_weights(variant, kwargs)
+    failure = None
+    try:
+        model = build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=filter_classifier,
+            feature_cfg=dict(flatten_sequential=True),
+            **kwargs,
+        )
+    except Exception as error:
+        if not pretrained:
+            raise
+        failure = error
+    if failure is not None:
+        # outside the except block, so a HubError does not drag timm's traceback along as its context
+        explain_pretrained_failure(variant, kwargs)
+        raise failure
     if penalty is not None:
         add_penalty_to_backward(model, *penalty_weights(penalty))
     return model
@@ -217,8 +250,8 @@ class CifarClassifier(nn.Module):
         self.global_pool, self.fc = create_head(
             self.num_features, self.feature_size, num_classes, global_pool, self.head_spectral_norm, **get_device_dtype(self)
         )
-        positions = 1 if global_pool else self.feature_size[0] * self.feature_size[1]
-        self.head_hidden_size = self.num_features * positions
+        positions = self.feature_size[0] * self.feature_size[1] if global_pool == FLATTEN_POOL else 1
+        self.head_hidden_size = self.num_features * positions * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
@@ -229,6 +262,60 @@ class CifarClassifier(nn.Module):
             ("global_pool.flatten", self.global_pool.flatten),
             ("fc", self.fc),
         ]
+
+    def _feature_blocks(self) -> List[nn.Module]:
+        """The modules whose outputs are the ``feature_info`` taps, in forward order; all but a stem are stages."""
+        stem = getattr(self, "stem", None)
+        return ([stem] if stem is not None else []) + list(self.stages)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: the final features and the ``feature_info`` taps selected by ``indices``.
+
+        ``indices``: last n taps if an int, those listed (negative from the end), all if None.
+        ``norm`` is accepted for timm's interface; these models have no final norm.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' for these convnets, got {output_fmt!r}")
+        blocks = self._feature_blocks()
+        first_stage = len(blocks) - len(self.stages)
+        take_indices, max_index = feature_take_indices(len(blocks), indices)
+        if stop_early:
+            blocks = blocks[:max_index + 1]
+        intermediates = []
+        for index, block in enumerate(blocks):
+            # checkpoint exactly what forward_features checkpoints (each stage's blocks, not the stem)
+            checkpointed = self.grad_checkpointing and index >= first_stage and not torch.jit.is_scripting()
+            x = checkpoint_seq(block, x) if checkpointed else block(x)
+            if index in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop the stages after the last tap ``indices`` needs (and the head); return the taps' absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        first_stage = len(self.feature_info) - len(self.stages)
+        for index in range(max(max_index + 1 - first_stage, 0), len(self.stages)):
+            self.stages[index] = nn.Sequential()  # empty, not removed: forward_features and checkpoint_seq still iterate
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:
+            # the features now end at the last kept tap; the head was sized for the final ones, so it goes too
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

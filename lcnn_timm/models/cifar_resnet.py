@@ -25,6 +25,7 @@ from ..layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual
 from ._pretrained import fashion_mnist_zoo_cfgs, lcnn_cfgs, standard_cfgs
 from ._units import (
     STANDARD_LAYERS,
+    conv_output_size,
     CifarClassifier,
     ConvNormAct,
     LayerFactory,
@@ -46,7 +47,8 @@ class CifarResNet(CifarClassifier):
         num_classes: classifier outputs (0: no classifier).
         in_chans: input image channels.
         img_size: input (H, W) or side; the convs' operator norms are computed for it.
-        global_pool: timm pool type ('avg', 'max', ..., '' for none: the head then sees all positions).
+        global_pool: timm pool type ('avg', 'max', ...; '' for none, which needs num_classes=0),
+            or 'flatten': the Linear head sees every position of the final map.
         drop_rate: dropout before the classifier.
         act_layer: activation factory (or timm name), instantiated once per position.
         norm_layer: norm factory (or timm name) of every conv-BN unit.
@@ -111,13 +113,20 @@ class CifarResNet(CifarClassifier):
         return self.stages(x)
 
 
+def feature_size(img_size: Tuple[int, int]) -> Tuple[int, int]:
+    """Spatial size of the final feature map: the first convs of stages 2-4 have stride 2."""
+    for _ in range(3):
+        img_size = conv_output_size(img_size, 3, 2)
+    return img_size
+
+
 default_cfgs = generate_default_cfgs({
-    **lcnn_cfgs("lcnn_resnet18"),
-    **lcnn_cfgs("lcnn_resnet34"),
-    **standard_cfgs("cifar_resnet18"),
-    **standard_cfgs("cifar_resnet34"),
-    **fashion_mnist_zoo_cfgs("lcnn_resnet18_025", lcnn=True),
-    **fashion_mnist_zoo_cfgs("cifar_resnet18_025", lcnn=False),
+    **lcnn_cfgs("lcnn_resnet18", feature_size),
+    **lcnn_cfgs("lcnn_resnet34", feature_size),
+    **standard_cfgs("cifar_resnet18", feature_size),
+    **standard_cfgs("cifar_resnet34", feature_size),
+    **fashion_mnist_zoo_cfgs("lcnn_resnet18_025", lcnn=True, feature_size=feature_size),
+    **fashion_mnist_zoo_cfgs("cifar_resnet18_025", lcnn=False, feature_size=feature_size),
 })
 
 QUARTER_WIDTH = (16, 32, 64, 128)

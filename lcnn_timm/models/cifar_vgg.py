@@ -2,8 +2,9 @@
 
 Ten 3x3 conv-BN units with an activation each, in five stages of
 64 / 128 / 256-256 / 512-512 / 512-512 channels with a 2x2 pooling in front of
-stages 2-5, then (by default) no global pooling: the head is a Linear on the
-flattened 512 x (H/16) x (W/16) map (2048 features at 32x32, as in the reference).
+stages 2-5, then (by default, ``global_pool='flatten'``) no global pooling: the head
+is a Linear on the flattened 512 x (H/16) x (W/16) map (2048 features at 32x32, as
+in the reference).
 
 * ``lcnn_vgg11``: operator-spectrally-normalised convs, gamma-BN (gamma = 10), one
   ``CenteredSoftplus(beta=5)`` per position, spectrally normalised head and 2x2
@@ -25,6 +26,7 @@ from torch import nn
 from ..layers import CenteredSoftplus, GammaBatchNorm2d
 from ._pretrained import lcnn_cfgs, standard_cfgs
 from ._units import (
+    FLATTEN_POOL,
     STANDARD_LAYERS,
     CifarClassifier,
     ConvNormAct,
@@ -48,7 +50,8 @@ class CifarVgg(CifarClassifier):
         num_classes: classifier outputs (0: no classifier).
         in_chans: input image channels.
         img_size: input (H, W) or side; the convs' operator norms are computed for it.
-        global_pool: timm pool type; '' (default, the reference) flattens the whole final map.
+        global_pool: 'flatten' (default, the reference): the Linear head sees the whole final map;
+            a timm pool type ('avg', 'max', ...); '' for none, which needs num_classes=0.
         drop_rate: dropout before the classifier.
         act_layer: activation factory (or timm name), instantiated once per position.
         norm_layer: norm factory (or timm name) of every conv-BN unit.
@@ -63,7 +66,7 @@ class CifarVgg(CifarClassifier):
         num_classes: int = 100,
         in_chans: int = 3,
         img_size: Union[int, Tuple[int, int]] = 32,
-        global_pool: str = "",
+        global_pool: str = FLATTEN_POOL,
         drop_rate: float = 0.0,
         act_layer: Union[str, LayerFactory] = CenteredSoftplus,
         norm_layer: Union[str, LayerFactory] = GammaBatchNorm2d,
@@ -114,9 +117,14 @@ class CifarVgg(CifarClassifier):
         return self.stages(x)
 
 
+def feature_size(img_size: Tuple[int, int]) -> Tuple[int, int]:
+    """Spatial size of the final feature map: four 2x2 poolings."""
+    return tuple(s // 16 for s in img_size)
+
+
 default_cfgs = generate_default_cfgs({
-    **lcnn_cfgs("lcnn_vgg11", first_conv="stages.0.0.conv"),
-    **standard_cfgs("cifar_vgg11", first_conv="stages.0.0.conv"),
+    **lcnn_cfgs("lcnn_vgg11", feature_size, first_conv="stages.0.0.conv"),
+    **standard_cfgs("cifar_vgg11", feature_size, first_conv="stages.0.0.conv"),
 })
 
 
