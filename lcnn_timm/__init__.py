@@ -2,7 +2,7 @@
 
 ``import lcnn_timm`` registers the LCNN models in timm's registry.
 """
-from . import layers
+from . import certify, layers
 from . import models  # registers the models with timm
 from .convert import ConversionReport, convert_model
 from .curvature import curvature_penalty, curvature_proxy

@@ -31,7 +31,7 @@ from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm
 from ..layers.spectral_norm import ConvOperator, OperatorSpectralNorm, is_spectral_normalized
 from .operator_norm import DEFAULT_GRAM_ITERATIONS, layer_norm_bound
-from .structure import AVERAGE_POOLS, Rules, compose, flatten_chain
+from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
 
 __all__ = ["Certificate", "MapBound", "certify", "model_input_shape"]
 
@@ -183,6 +183,7 @@ def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
         raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() first (the certificate is "
                          "for the eval-mode function, with BatchNorm running statistics)")
     name = type(model).__name__
+    check_structure(model, name)  # before anything runs
     layers = flatten_chain(model, name)
     shape = tuple(input_shape) if input_shape is not None else model_input_shape(model)
     shapes, outputs = _record_shapes(model, shape)

@@ -16,8 +16,8 @@ from ..layers.gamma_batchnorm import _GammaBatchNorm
 from ..layers.halves_residual import HalvesResidual
 from ..layers.spectral_norm import is_spectral_normalized
 
-__all__ = ["AVERAGE_POOLS", "UNIT_LEAVES", "Rules", "UnsupportedStructureError", "chain_children", "compose",
-           "flatten_chain", "is_covered_leaf", "unsupported"]
+__all__ = ["AVERAGE_POOLS", "UNIT_LEAVES", "Rules", "UnsupportedStructureError", "chain_children", "check_structure",
+           "compose", "flatten_chain", "is_covered_leaf", "unsupported"]
 
 T = TypeVar("T")
 Named = Tuple[str, nn.Module]
@@ -100,20 +100,25 @@ def unsupported(module: nn.Module, name: str) -> UnsupportedStructureError:
 
 
 class Rules(Generic[T]):
-    """Algebra of a walk: a value per leaf and how values combine."""
+    """Algebra of a walk: a value per leaf and how values combine. The base class computes nothing."""
 
-    identity: T
+    identity: T = None
 
     def leaf(self, module: nn.Module, name: str) -> T:
-        raise NotImplementedError
+        return self.identity
 
     def then(self, first: T, second: T) -> T:
         """Value of ``second o first``."""
-        raise NotImplementedError
+        return self.identity
 
     def halves(self, residual: T, shortcut: T) -> T:
         """Value of ``x -> (F(x / sqrt 2) + S(x / sqrt 2)) / 2`` (before the block's activation)."""
-        raise NotImplementedError
+        return self.identity
+
+
+def check_structure(module: nn.Module, name: str) -> None:
+    """Raise :class:`UnsupportedStructureError` for the first module outside the theory; nothing is computed."""
+    compose(module, name, Rules())
 
 
 def compose(module: nn.Module, name: str, rules: Rules[T]) -> T:
