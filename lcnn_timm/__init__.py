@@ -2,10 +2,10 @@
 
 ``import lcnn_timm`` registers the LCNN models in timm's registry.
 """
-from . import hub, layers
+from . import certify, hub, layers
 from . import models  # registers the models with timm
 from .convert import ConversionReport, convert_model
-from .curvature import curvature_penalty, curvature_upper_bound
+from .curvature import curvature_penalty, curvature_proxy
 from .layers import CenteredSoftplus, GammaBatchNorm1d, GammaBatchNorm2d, HalvesResidual, spectral_norm
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from torch import nn
 import lcnn_timm
 from lcnn_timm.convert import ConversionReport, convert_model
 from lcnn_timm.convert.catalog import ACTIVATIONS, LINEARS, PLAIN_CONVS, STANDARDIZED_CONVS
-from lcnn_timm.curvature import UnsupportedStructureError, curvature_upper_bound
+from lcnn_timm.curvature import UnsupportedStructureError, curvature_proxy
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, is_spectral_normalized, operator_norm
 
 
@@ -265,7 +265,7 @@ def test_timm_model_converts_and_trains(name):
     if name.startswith("vit"):
         assert {"norm", "attention"} <= {e.kind for e in report.left_alone}
         with pytest.raises(UnsupportedStructureError):
-            curvature_upper_bound(converted.eval())
+            curvature_proxy(converted.eval())
 
 
 def test_default_input_size_and_argument_errors():

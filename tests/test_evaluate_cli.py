@@ -57,7 +57,8 @@ def test_full_run_writes_self_describing_results(tmp_path, capsys):
     assert results["model"]["input_normalization"]["mean"] == [0.5, 0.5, 0.5]
     assert {"torch", "timm", "lcnn_timm"} <= set(results["environment"])
     metrics = results["metrics"]
-    assert list(metrics) == ["accuracy", "curvature", "pgd", "gradient_stability"]
+    assert list(metrics) == ["accuracy", "curvature", "pgd", "certified", "gradient_stability"]
+    assert not metrics["certified"]["supported"]  # a plain-softplus test model is outside the LCNN theory
 
     # numbers agree with a direct computation on the same data
     model = create_eval_model("evaltest_tiny_softplus")

@@ -18,7 +18,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 import lcnn_timm
-from lcnn_timm.curvature import curvature_penalty, curvature_upper_bound
+from lcnn_timm.curvature import curvature_penalty, curvature_proxy
 from lcnn_timm.data import load_fashion_mnist
 from lcnn_timm.hub import HubError, load_pretrained, regenerate_cards, verify_repo_folder
 from lcnn_timm.hub.cli import main as push_main
@@ -100,7 +100,7 @@ def trained(tmp_path_factory):
     model.eval()
     with torch.no_grad():
         expected = model(x)
-    bound = curvature_upper_bound(model)
+    bound = curvature_proxy(model)
     ckpt = tmp / 'last.safetensors'
     save_file(model.state_dict(), ckpt)
     (tmp / 'results.json').write_text(json.dumps(_results()))
@@ -154,9 +154,9 @@ def test_dry_run_writes_timm_layout(trained):
     assert cfg['pretrained_cfg']['input_size'] == [1, 8, 8] and cfg['pretrained_cfg']['mean'] == [0.5]
     assert 'hf_hub_id' not in cfg['pretrained_cfg']  # the source is where it is loaded from, not stored
     assert cfg['lcnn_timm']['repo_id'] == REPO_ID and cfg['lcnn_timm']['lcnn'] is True
-    assert cfg['lcnn_timm']['curvature_bound'] == trained['bound'] > 0
+    assert cfg['lcnn_timm']['curvature_proxy'] == trained['bound'] > 0
     card = (repo / 'README.md').read_text()
-    assert f'computed from the weights in eval mode): {trained["bound"]:.4g}.' in card
+    assert f'not an upper bound on the normalized curvature), from the weights in eval mode: {trained["bound"]:.4g}.' in card
     assert 'a low-curvature `hubtest_tiny_lcnn`' in card and 'arXiv}' in card and '77.42 ± 0.11' in card
     assert (repo / 'train.yaml').read_text() == (trained['tmp'] / 'train.yaml').read_text()
 
@@ -348,7 +348,7 @@ def test_registry_lcnn_resnet18_round_trip(tmp_path):
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == 'lcnn_resnet18' and cfg['pretrained_cfg']['tag'] == 'fmnist'
     assert cfg['label_names'] == list(FASHION_MNIST_LABEL_NAMES) and cfg['pretrained_cfg']['input_size'] == [1, 8, 8]
-    assert cfg['lcnn_timm']['curvature_bound'] == curvature_upper_bound(model)
+    assert cfg['lcnn_timm']['curvature_proxy'] == curvature_proxy(model)
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(_output(load_pretrained(f'local-dir:{out}'), x), _output(model, x))
 

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from timm.optim import param_groups_weight_decay
 
 import lcnn_timm  # noqa: F401  (registers the models)
-from lcnn_timm.curvature import UnsupportedStructureError, curvature_upper_bound
+from lcnn_timm.curvature import UnsupportedStructureError, curvature_proxy
 from lcnn_timm.export import freeze
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual, is_spectral_normalized
 from lcnn_timm.models._pretrained import CIFAR100_LABEL_NAMES
@@ -82,20 +82,20 @@ def test_forward_backward_and_fx(name):
 
 
 @pytest.mark.parametrize("name", LCNN)
-def test_bound_finite_on_lcnn(name):
-    assert 0 < curvature_upper_bound(timm.create_model(name, **SMALL)) < float("inf")
+def test_proxy_finite_on_lcnn(name):
+    assert 0 < curvature_proxy(timm.create_model(name, **SMALL)) < float("inf")
 
 
 @pytest.mark.parametrize("name", STANDARD)
-def test_bound_refuses_standard(name):
+def test_proxy_refuses_standard(name):
     with pytest.raises(UnsupportedStructureError):
-        curvature_upper_bound(timm.create_model(name, **SMALL))
+        curvature_proxy(timm.create_model(name, **SMALL))
 
 
-def test_vgg_reference_pooling_is_outside_the_bound():
+def test_vgg_reference_pooling_is_outside_the_theory():
     model = timm.create_model("lcnn_vgg11", downsample="max", **SMALL)
     with pytest.raises(UnsupportedStructureError, match="MaxPool2d"):
-        curvature_upper_bound(model)
+        curvature_proxy(model)
 
 
 @pytest.mark.parametrize("name, channels, reductions", [

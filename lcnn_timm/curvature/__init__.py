@@ -1,5 +1,5 @@
-"""Curvature penalty (training), upper bound (theory) and measurement."""
-from .bound import LayerBound, UnsupportedStructureError, curvature_upper_bound, layer_bound
+"""Curvature penalty (training), the paper's Theorem-1 expression (not a bound) and measurement."""
+from .proxy import ProxyTerms, UnsupportedStructureError, curvature_proxy, layer_proxy
 from .double_backward import lean_double_backward
 from .penalty import CurvaturePenalty, add_penalty_to_backward, curvature_penalty, lcnn_parameters, penalty_weights
 from .estimator import (

@@ -2,8 +2,8 @@
 
 ``beta_weight * sum(beta) + gamma_weight * sum(|log gamma|)`` over every
 :class:`CenteredSoftplus` and gamma-Lipschitz BatchNorm in the model (the
-reference code's proxy for the bound of Theorem 1; see ``bound.py`` for the
-bound itself). ``|log gamma|`` pulls each gamma towards 1 from either side.
+reference code's proxy for the Theorem-1 expression; see ``proxy.py`` for the
+expression itself, which is not a bound). ``|log gamma|`` pulls each gamma towards 1 from either side.
 Each module counts once, however often its forward runs.
 
 :func:`add_penalty_to_backward` is the model-side form for trainers that only

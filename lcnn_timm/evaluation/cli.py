@@ -126,6 +126,10 @@ def _rows(metrics: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     for r in metrics.get("pgd", []):
         rows.append((f"PGD {r['norm']} eps={r['eps']:g} (%)", f"{r['accuracy']:.2f}",
                      f"{r['count']} images, {r['steps']} steps of {r['step_size']:.4g}, {r['restarts']} restart(s)"))
+    certified = metrics.get("certified", {})
+    for level in certified.get("levels", []):
+        rows.append((f"certified l2 eps={level['eps']:g} (%)", f"{level['combined']:.2f}",
+                     f"{certified['count']} images; first-order {level['first_order']:.2f}, curvature {level['curvature']:.2f}"))
     for r in metrics.get("autoattack", []):
         rows.append((f"AutoAttack {r['norm']} eps={r['eps']:g} (%)", f"{r['accuracy']:.2f}", f"{r['count']} images"))
     for level in metrics.get("gradient_stability", {}).get("levels", []):

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..certify.evaluate import certified_accuracy
 from ..curvature.estimator import (
     batches_on_device,
     curvature_statistics,
@@ -19,6 +20,7 @@ from ..curvature.estimator import (
 from ..robustness.autoattack import autoattack_accuracy
 from ..robustness.pgd import DEFAULT_L2_EPS, pgd_sweep
 from .datasets import EvalData
+from .model import NormalizedModel
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "MetricOptions", "run_metric"]
 
@@ -88,6 +90,14 @@ def autoattack(model: nn.Module, data: EvalData, opts: MetricOptions) -> List[Di
             for eps in opts.pgd_eps]
 
 
+def certified(model: nn.Module, data: EvalData, opts: MetricOptions) -> Dict[str, Any]:
+    """Certified L2 accuracy at the PGD radii (docs/certificates.md), or why the model has no certificate."""
+    if opts.pgd_norm != "l2":
+        return {"supported": False, "reason": f"the certificates are L2 radii; the PGD norm is {opts.pgd_norm}"}
+    inner, scale = (model.model, 1.0 / model.std.min().item()) if isinstance(model, NormalizedModel) else (model, 1.0)
+    return certified_accuracy(model, data.loader, opts.pgd_eps, inner, scale, progress=opts.progress)
+
+
 def gradient_stability(model: nn.Module, data: EvalData, opts: MetricOptions) -> Dict[str, Any]:
     levels = gradient_stability_statistics(
         model, data.loader, opts.noise_levels, opts.noise_samples, opts.seed, progress=opts.progress,
@@ -108,10 +118,11 @@ METRICS: Dict[str, Callable[[nn.Module, EvalData, MetricOptions], Any]] = {
     "accuracy": accuracy,
     "curvature": curvature,
     "pgd": pgd,
+    "certified": certified,
     "autoattack": autoattack,
     "gradient_stability": gradient_stability,
 }
-DEFAULT_METRICS = ("accuracy", "curvature", "pgd", "gradient_stability")  # AutoAttack is slow and optional
+DEFAULT_METRICS = ("accuracy", "curvature", "pgd", "certified", "gradient_stability")  # AutoAttack is slow and optional
 
 
 def run_metric(name: str, model: nn.Module, data: EvalData, opts: MetricOptions) -> Any:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from timm.models import load_state_dict, parse_model_name, save_for_hf
 
-from ..curvature import UnsupportedStructureError, curvature_upper_bound
+from ..curvature import UnsupportedStructureError, curvature_proxy
 from ..curvature.penalty import lcnn_parameters
 from .card import CARD_META_KEY, render_card_for_folder
 
@@ -157,14 +157,14 @@ def write_repo_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     log_betas, log_gammas = lcnn_parameters(model)
     try:
-        bound = curvature_upper_bound(model)
+        proxy = curvature_proxy(model)
     except UnsupportedStructureError:
-        bound = None  # e.g. a converted timm model with plain residual adds: the card then omits the bound
+        proxy = None  # e.g. a converted timm model with plain residual adds: the card then omits it
     model_config: Dict[str, Any] = {CARD_META_KEY: {
         'repo_id': repo_id,
         'license': license,
         'lcnn': bool(log_betas and log_gammas),
-        'curvature_bound': bound,
+        'curvature_proxy': proxy,
         # as the user named it (e.g. configs/x.yaml); an absolute path would leak the local file system
         'train_config': (Path(train_config).name if Path(train_config).is_absolute() else str(train_config))
         if train_config else None,

@@ -103,7 +103,7 @@ class CifarResNet(CifarClassifier):
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
     def bound_chain(self) -> List[Tuple[str, nn.Module]]:
-        """Layers in forward order, for :func:`lcnn_timm.curvature.curvature_upper_bound`."""
+        """Layers in forward order, for :func:`lcnn_timm.certify.certify` and :func:`lcnn_timm.curvature.curvature_proxy`."""
         return [("stem", self.stem), ("stages", self.stages), *self.head_bound_chain()]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ in the reference).
   *average* pooling. Two deliberate departures from the reference, which shares
   one beta over all ten positions, leaves the head un-normalised and max-pools:
   max-pooling is not twice differentiable and an un-normalised head has an
-  unbounded slope, so the curvature bound (Theorem 1) would not exist.
+  unbounded slope, so the certified bounds (lcnn_timm.certify) would not exist.
   ``downsample='max', head_spectral_norm=False`` gives the reference's layers.
 * ``cifar_vgg11``: the reference baseline: ``nn.Softplus(beta=1000)``, plain
   non-affine BatchNorm, plain convs and head, max-pooling.
@@ -108,7 +108,7 @@ class CifarVgg(CifarClassifier):
         return dict(stem=r"^stages\.0\.", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
     def bound_chain(self) -> List[Tuple[str, nn.Module]]:
-        """Layers in forward order, for :func:`lcnn_timm.curvature.curvature_upper_bound`."""
+        """Layers in forward order, for :func:`lcnn_timm.certify.certify` and :func:`lcnn_timm.curvature.curvature_proxy`."""
         return [("stages", self.stages), *self.head_bound_chain()]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

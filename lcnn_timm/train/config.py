@@ -93,6 +93,7 @@ class TrainConfig:
     # LCNN keys
     beta_weight: float = 0.0
     gamma_weight: float = 0.0
+    gamma_cap: float = 0.0  # > 0: gamma <= gamma_cap in every gamma-BN after each step (lcnn_timm.certify.cap_gamma)
     gradreg_weight: float = 0.0
     gradreg_mode: str = "exact"
     gradreg_scale: float = 1e5

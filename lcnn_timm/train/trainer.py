@@ -25,6 +25,7 @@ from timm.utils.model import unwrap_model
 from torch import nn
 from tqdm import tqdm
 
+from ..certify.gamma_cap import cap_gamma
 from ..curvature.penalty import lcnn_parameters
 from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
@@ -155,6 +156,8 @@ class Trainer:
             cure_step=cfg.cure_step, adversarial=adversarial, device=self.device)
         self.optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay), **optimizer_kwargs(cfg),
                                              **cfg.opt_kwargs)
+        if cfg.gamma_cap:
+            cap_gamma(model, self.optimizer, cfg.gamma_cap)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, **scheduler_kwargs(cfg),
                                                 updates_per_epoch=len(self.train_loader))
         fp16 = cfg.amp and cfg.amp_dtype == "float16"

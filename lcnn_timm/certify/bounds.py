@@ -1,0 +1,202 @@
+"""Certified global Lipschitz and input-Hessian bounds of an LCNN's logits and logit differences.
+
+For a map ``f`` let ``L(f)`` bound its Lipschitz constant and ``H(f)`` bound
+``sup_x ||D^2 f(x)||`` (the norm of the symmetric bilinear map, for vector-valued
+``f``: ``sup_{|u|=|v|=1} ||D^2 f(x)[u, v]||``). Composition (chain rule):
+
+    L(g o f) <= L(g) L(f),      H(g o f) <= H(g) L(f)^2 + L(g) H(f)
+
+Leaves: centered softplus ``(1, beta / 4)`` (``0 < s' <= 1``, ``|s''| <= beta / 4``,
+elementwise); eval-mode gamma-BN ``(min(gamma, ||BN||), 0)``; spectrally
+normalised conv/linear ``(certified norm of W / sigma, 0)`` (Gram iteration,
+:mod:`.operator_norm`); average pooling ``(sqrt(max row sum * max column sum), 0)``
+(Schur test, exact for global average pooling); identity/flatten/dropout ``(1, 0)``.
+Halves block ``x -> act((F(x/sqrt2) + S(x/sqrt2)) / 2)``: the sum has
+``L <= (L_F + L_S) / (2 sqrt 2)`` and ``H <= (H_F + H_S) / 4``, then the activation.
+
+For ``z_i - z_j`` with a final linear layer ``W``: ``L_ij <= ||w_i - w_j|| L(phi)``
+and ``H_ij <= ||w_i - w_j|| H(phi)``, ``phi`` the features; otherwise ``sqrt 2`` times
+the logits' bounds. Proofs: docs/certificates.md. The bounds hold for the
+eval-mode function (BatchNorm running statistics) at the input size the spectral
+norms were computed for, over all of R^n (no clipping to [0, 1] assumed).
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..layers.centered_softplus import CenteredSoftplus
+from ..layers.gamma_batchnorm import _GammaBatchNorm
+from ..layers.spectral_norm import ConvOperator, OperatorSpectralNorm, is_spectral_normalized
+from .operator_norm import DEFAULT_GRAM_ITERATIONS, layer_norm_bound
+from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
+
+__all__ = ["Certificate", "MapBound", "certify", "model_input_shape"]
+
+
+@dataclass(frozen=True)
+class MapBound:
+    """``lipschitz`` >= Lipschitz constant and ``hessian`` >= sup_x ||D^2 f(x)|| of a map (float64 scalars)."""
+
+    lipschitz: torch.Tensor
+    hessian: torch.Tensor
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64)
+
+
+@dataclass
+class Certificate:
+    """Certified bounds of a model's logit differences.
+
+    ``lipschitz[i, j]`` and ``hessian[i, j]`` bound ``z_i - z_j`` over all inputs
+    (diagonal 0); ``logits`` bounds the logit map; ``layers`` lists each leaf's
+    ``(name, MapBound)`` in forward order.
+    """
+
+    lipschitz: torch.Tensor
+    hessian: torch.Tensor
+    logits: MapBound
+    input_shape: Tuple[int, ...]
+    layers: List[Tuple[str, MapBound]] = field(default_factory=list, repr=False)
+
+    def scaled_input(self, scale: float) -> "Certificate":
+        """The certificate of ``x -> model(a * x)`` with ``|a| <= scale`` per coordinate (e.g. 1 / std)."""
+        return Certificate(self.lipschitz * scale, self.hessian * scale**2,
+                           MapBound(self.logits.lipschitz * scale, self.logits.hessian * scale**2),
+                           self.input_shape, self.layers)
+
+
+def _then(first: MapBound, second: MapBound) -> MapBound:
+    return MapBound(first.lipschitz * second.lipschitz,
+                    second.hessian * first.lipschitz**2 + second.lipschitz * first.hessian)
+
+
+def gamma_bn_lipschitz(bn: _GammaBatchNorm) -> torch.Tensor:
+    """Exact eval-mode Lipschitz constant of a gamma-BN, ``min(gamma, max_c |w_c| / sqrt(var_c + eps))``, float64."""
+    scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double().abs()
+    return torch.minimum(bn.gamma.detach().double(), scale.max())
+
+
+def average_pool_lipschitz(pool: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """Schur bound ``sqrt(max row sum * max column sum)`` of a non-negative linear pooling at ``input_shape``."""
+    ones = torch.ones(1, *input_shape, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        out = pool(ones)  # A @ 1: the row sums
+        (columns,) = torch.autograd.grad(out.sum(), ones)  # A^T @ 1: the column sums
+    return (out.detach().max() * columns.max()).sqrt()
+
+
+class _CertifiedRules(Rules[MapBound]):
+    identity = MapBound(_scalar(1.0), _scalar(0.0))
+
+    def __init__(self, input_shapes: Dict[int, Tuple[int, ...]], iterations: int):
+        self.input_shapes = input_shapes
+        self.iterations = iterations
+        self.layers: List[Tuple[str, MapBound]] = []
+
+    def _input_shape(self, module: nn.Module, name: str) -> Tuple[int, ...]:
+        if id(module) not in self.input_shapes:
+            raise ValueError(f"{name} ({type(module).__name__}) is not called in the model's forward pass")
+        return self.input_shapes[id(module)]
+
+    def _value(self, module: nn.Module, name: str) -> MapBound:
+        if isinstance(module, CenteredSoftplus):
+            return MapBound(_scalar(1.0), module.beta.detach().double() / 4.0)
+        if isinstance(module, _GammaBatchNorm):
+            return MapBound(gamma_bn_lipschitz(module), _scalar(0.0))
+        if is_spectral_normalized(module):
+            bound, op = layer_norm_bound(module, self.iterations)
+            seen = self._input_shape(module, name)[1:]
+            if isinstance(op, ConvOperator) and tuple(seen) != op.input_size:
+                raise ValueError(
+                    f"{name} was spectrally normalised for input size {op.input_size} but sees {tuple(seen)}: "
+                    "certify the model at the input size it was built for"
+                )
+            return MapBound(bound, _scalar(0.0))
+        if isinstance(module, AVERAGE_POOLS):
+            return MapBound(average_pool_lipschitz(module, self._input_shape(module, name)), _scalar(0.0))
+        return self.identity  # identity, flatten, eval-mode dropout
+
+    def leaf(self, module: nn.Module, name: str) -> MapBound:
+        value = self._value(module, name)
+        self.layers.append((name, value))
+        return value
+
+    def then(self, first: MapBound, second: MapBound) -> MapBound:
+        return _then(first, second)
+
+    def halves(self, residual: MapBound, shortcut: MapBound) -> MapBound:
+        return MapBound((residual.lipschitz + shortcut.lipschitz) / (2.0 * math.sqrt(2.0)),
+                        (residual.hessian + shortcut.hessian) / 4.0)
+
+
+def model_input_shape(model: nn.Module) -> Tuple[int, ...]:
+    """Input shape (without batch) the first spectrally normalised layer was built for."""
+    for module in model.modules():
+        if is_spectral_normalized(module):
+            op = next(p.operator for p in module.parametrizations.weight if isinstance(p, OperatorSpectralNorm))
+            return op.input_shape[1:]
+    raise ValueError(f"{type(model).__name__} has no spectrally normalised layer to read its input size from; "
+                     "pass input_shape")
+
+
+def _record_shapes(model: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[Dict[int, Tuple[int, ...]], int]:
+    """Every module's input shape (by ``id``, without batch) in one forward pass, and the number of outputs."""
+    shapes: Dict[int, Tuple[int, ...]] = {}
+
+    def hook(module, args):
+        if args and isinstance(args[0], torch.Tensor):  # parametrizations are called without arguments
+            shapes[id(module)] = tuple(args[0].shape[1:])
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+    try:
+        parameter = next(model.parameters(), None)
+        kwargs = dict(dtype=parameter.dtype, device=parameter.device) if parameter is not None else {}
+        with torch.no_grad():
+            outputs = model(torch.zeros(1, *input_shape, **kwargs)).shape[-1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes, outputs
+
+
+@torch.no_grad()
+def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
+            iterations: int = DEFAULT_GRAM_ITERATIONS) -> Certificate:
+    """Certified Lipschitz and Hessian bounds of every logit difference of an eval-mode LCNN.
+
+    Args:
+        model: an LCNN in eval mode (chains of the covered layers and halves blocks).
+        input_shape: input shape without batch; default: the size the spectral norms were built for.
+        iterations: Gram iterations per operator-norm bound.
+
+    Raises:
+        UnsupportedStructureError: naming the first module outside the theory.
+    """
+    if model.training:
+        raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() first (the certificate is "
+                         "for the eval-mode function, with BatchNorm running statistics)")
+    name = type(model).__name__
+    check_structure(model, name)  # before anything runs
+    layers = flatten_chain(model, name)
+    shape = tuple(input_shape) if input_shape is not None else model_input_shape(model)
+    shapes, outputs = _record_shapes(model, shape)
+    rules = _CertifiedRules(shapes, iterations)
+    head_name, head = layers[-1]
+    phi = rules.identity
+    for layer_name, layer in layers[:-1] if isinstance(head, nn.Linear) else layers:
+        phi = _then(phi, compose(layer, layer_name, rules))
+    if isinstance(head, nn.Linear):
+        logits = _then(phi, compose(head, head_name, rules))
+        weight = head.weight.detach().double()
+        rows = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")  # ||w_i - w_j||
+    else:
+        logits = phi
+        rows = math.sqrt(2.0) * (1.0 - torch.eye(outputs, dtype=torch.float64))  # ||e_i - e_j|| = sqrt 2
+    return Certificate(rows * phi.lipschitz, rows * phi.hessian, logits, shape, rules.layers)

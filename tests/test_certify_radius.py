@@ -1,0 +1,56 @@
+"""Certified radii: the formula, and PGD never changing a prediction inside its certified radius."""
+import pytest
+import torch
+
+from lcnn_timm.certify import certify
+from lcnn_timm.certify.radius import certified_radii, curvature_radius
+from lcnn_timm.robustness.pgd import pgd_attack
+from test_certify_bounds import cnn
+
+
+def test_curvature_radius_is_the_root_of_the_quadratic_lower_bound():
+    m, g, k = torch.tensor([0.3, 1.0, 2.0]), torch.tensor([0.5, 0.0, 3.0]), torch.tensor([4.0, 2.0, 0.0])
+    r = curvature_radius(m, g, k)
+    torch.testing.assert_close(m - g * r - k * r**2 / 2, torch.zeros(3), atol=1e-6, rtol=0)
+    assert r[2].item() == pytest.approx(2.0 / 3.0)  # K = 0: the linear radius m / |g|
+    edge = curvature_radius(torch.tensor([0.0, -1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    assert edge.tolist() == [0.0, 0.0, float("inf")]  # a tie, a misclassification, a constant function
+
+
+def _flipped(net, x, y, eps, seed):
+    adv = pgd_attack(net, x, y, eps, steps=30, restarts=2, generator=torch.Generator().manual_seed(seed))
+    assert ((adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-9)).all()
+    with torch.no_grad():
+        return (net(adv).argmax(dim=1) != y).sum().item()
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_pgd_never_flips_inside_the_certified_radius(seed):
+    net = cnn(seed)
+    certificate = certify(net)
+    generator = torch.Generator().manual_seed(300 + seed)
+    x = 0.3 + 0.4 * torch.rand(64, 1, 6, 5, dtype=torch.float64, generator=generator)  # room for PGD inside [0, 1]
+    with torch.no_grad():
+        net[-1].bias -= net(x).mean(dim=0)  # a random net predicts one class everywhere: centre its logits
+        y = net(x).argmax(dim=1)
+    assert len(y.unique()) > 1
+    radii = certified_radii(net, x, y, certificate)
+    combined = radii["combined"]
+    # min_j max(first_j, curvature_j) >= max(min_j first_j, min_j curvature_j)
+    assert torch.all(combined >= torch.maximum(radii["first_order"], radii["curvature"]))
+    assert (combined > 0).all()
+    # attack in groups of 8 examples of similar radius, each group at its smallest radius (so at most each radius)
+    flipped_outside = 0
+    for group in combined.argsort().split(8):
+        assert _flipped(net, x[group], y[group], combined[group].min().item() * (1 - 1e-9), seed) == 0
+        flipped_outside += _flipped(net, x[group], y[group], combined[group].max().item() * 20, seed)
+    assert flipped_outside > 0  # the attack is strong enough to flip examples, just not inside the radii
+
+
+def test_misclassified_examples_get_radius_zero():
+    net = cnn(0)
+    x = torch.rand(8, 1, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wrong = (net(x).argmax(dim=1) + 1) % 3
+    radii = certified_radii(net, x, wrong, certify(net))
+    assert all(value.eq(0).all() for value in radii.values())
