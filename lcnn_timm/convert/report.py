@@ -1,7 +1,7 @@
 """What a conversion changed, and what it left alone and why."""
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List
+from typing import Iterable, List
 
 __all__ = ["ConversionReport", "Replacement", "LeftAlone", "Compensation", "FULLY_CONVERTED_MEANS", "UNCONVERTED_KINDS"]
 
@@ -47,6 +47,11 @@ class Compensation:
     name: str
     sigma: float
     absorbed_by: str
+
+
+def _counts(entries: Iterable[LeftAlone]) -> str:
+    """``"2 gate, 1 pool"``: entries per kind."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(e.kind for e in entries).items()))
 
 
 @dataclass
@@ -97,12 +102,11 @@ class ConversionReport:
                 f"function-preserving: {absorbed}/{len(self.compensations)} spectral-norm scales absorbed by BatchNorm"
             )
         if self.fully_converted:
-            others = Counter(e.kind for e in self.left_alone if e.kind != "note")
-            tail = f" ({', '.join(f'{n} {kind}' for kind, n in sorted(others.items()))} left alone as listed: not counted)"
-            lines.append(f"fully converted: {FULLY_CONVERTED_MEANS}" + (tail if others else ""))
+            others = _counts(e for e in self.left_alone if e.kind != "note")
+            tail = f" ({others} left alone as listed: not counted)" if others else ""
+            lines.append(f"fully converted: {FULLY_CONVERTED_MEANS}{tail}")
         else:
-            kinds = Counter(e.kind for e in self.unconverted)
-            lines.append(f"NOT fully converted: {', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))} left "
+            lines.append(f"NOT fully converted: {_counts(self.unconverted)} left "
                          f"(fully converted means {FULLY_CONVERTED_MEANS})")
         return "\n".join(lines)
 

@@ -48,7 +48,9 @@ _LINEAR_MAPS: Dict[Callable, Tuple[int, ...]] = {
 }
 _LINEAR_MAP_METHODS = {"matmul": (0, 1), "mm": (0, 1), "bmm": (0, 1)}
 
-SCALING_REASON = "learned factor in the forward, outside the layers the LCNN theory bounds: neither normalised nor penalised"
+SCALING_REASON = (
+    "learned factor in the forward, outside the layers the LCNN theory bounds: neither normalised nor penalised"
+)
 LINEAR_REASON = "weight of a functional linear map (F.linear / matmul / conv call) in a forward: not normalised"
 
 
