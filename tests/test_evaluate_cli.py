@@ -100,7 +100,7 @@ def test_schema_1_results_stay_readable(tmp_path):
     card = pytest.importorskip("lcnn_timm.hub.card")
     curvature = {"count": 8, "iterations": 10, "eps": 1e-6, "curvature": {"mean": 2.0, "std": 0.5}}
     path = tmp_path / "results.json"
-    for version, method in ((1, "10 Hessian-vector power iterations (11 HVPs"), (2, "10 Lanczos steps (10 HVPs")):
+    for version, method in ((1, "10 Hessian-vector power iterations,"), (2, "10 Lanczos steps (10 HVPs")):
         path.write_text(json.dumps({"schema_version": version, "metrics": {"curvature": curvature}}))
         results = load_results(str(path))
         assert method in card.metrics_from_results(results)[0].protocol

@@ -97,8 +97,8 @@ def check_schema_version(results: Dict[str, Any], source: str = "results.json") 
 def curvature_protocol(block: Dict[str, Any], version: int) -> str:
     """How a curvature block's ``||H||`` was estimated, in words (e.g. for model cards)."""
     steps = block["iterations"]
-    if version == 1:
-        return f"{steps} Hessian-vector power iterations ({steps + 1} HVPs, Rayleigh quotient)"
+    if version == 1:  # worded as before, so cards built from schema-1 files do not change
+        return f"{steps} Hessian-vector power iterations"
     return f"{steps} Lanczos steps ({steps} HVPs, largest-magnitude Ritz value)"
 
 
