@@ -40,6 +40,7 @@ class Softplus(nn.Softplus):
 
 
 def softplus_resnet18() -> nn.Module:
+    torch.manual_seed(0)  # the same random init in every run
     model = timm.create_model("resnet18", num_classes=100, act_layer=Softplus)
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
@@ -186,6 +187,7 @@ def main() -> None:
     bench("softplus resnet18", softplus_resnet18(), x, y, {**methods, **jvp}, args.repeats, args.converged_steps)
     if timm.is_model("lcnn_resnet18") and not args.no_lcnn:
         # CenteredSoftplus is a custom autograd.Function without a jvp rule: no torch.func variant
+        torch.manual_seed(0)
         model = timm.create_model("lcnn_resnet18", num_classes=100).eval()
         bench("lcnn_resnet18", model, x, y, methods, args.repeats, args.converged_steps)
 
