@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-count", type=int, help="test images for clean accuracy (default: the whole split)")
     p.add_argument("--costly-count", type=int, default=1000,
                    help="test images for curvature, PGD and gradient stability (default 1000)")
-    p.add_argument("--curvature-iterations", type=int, default=10)
+    p.add_argument("--curvature-iterations", type=int, help="Lanczos steps per image (default: the evaluator's)")
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--device", help="evaluation device (default: cuda if available)")
     return p
@@ -143,8 +143,9 @@ def _run_row(row: Row, zoo: Zoo, args: argparse.Namespace, results_dir: Path) ->
                      "--model-kwargs", *[f"{k}={json.dumps(v)}" for k, v in _model_kwargs(cfg).items()],
                      "--dataset", f"{zoo.dataset}:test", "--metrics", ",".join(EVAL_METRICS),
                      "--costly-count", str(args.costly_count), "--pgd-eps", ",".join(map(str, zoo.pgd_eps)),
-                     "--pgd-steps", str(args.pgd_steps), "--curvature-iterations", str(args.curvature_iterations),
-                     "--out", str(out)]
+                     "--pgd-steps", str(args.pgd_steps), "--out", str(out)]
+        if args.curvature_iterations is not None:
+            eval_argv += ["--curvature-iterations", str(args.curvature_iterations)]
         if args.data_dir or cfg.data_dir:
             eval_argv += ["--data-dir", args.data_dir or cfg.data_dir]
         if args.eval_count:

@@ -125,6 +125,59 @@ def test_report_lists_replacements_and_reasons():
     converted(torch.randn(2, 3, 8, 8)).sum().backward()
 
 
+class _Scalings(nn.Module):
+    """Every way a parameter can meet the signal: as a factor (reported) or as an addend (not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer_scale = nn.Parameter(torch.full((4,), 0.1))
+        self.log_gain = nn.Parameter(torch.zeros(4))
+        self.alpha, self.beta = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+        self.divisor = nn.Parameter(torch.ones(()))
+        self.pos = nn.Parameter(torch.zeros(1, 4, 6, 6))
+        self.proj = nn.Parameter(torch.eye(4))
+        self.act = CenteredSoftplus(2.0)  # its log_beta is bounded by the theory
+
+    def forward(self, x):
+        x = self.conv(x) * self.layer_scale.view(1, -1, 1, 1) + self.pos
+        x = self.act(x).mul(self.log_gain.exp()[None, :, None, None])
+        x = torch.addcmul(self.beta.view(1, -1, 1, 1), self.alpha.view(1, -1, 1, 1), x) / self.divisor
+        return F.linear(x.mean((2, 3)), self.proj)
+
+
+def test_every_learned_scaling_is_reported():
+    converted, report = convert_model(_Scalings(), input_size=(3, 6, 6))
+    kinds = {e.name: (e.type_name, e.kind) for e in report.left_alone}
+    assert kinds == {
+        "layer_scale": ("_Scalings.layer_scale", "scaling"), "log_gain": ("_Scalings.log_gain", "scaling"),
+        "alpha": ("_Scalings.alpha", "scaling"), "divisor": ("_Scalings.divisor", "scaling"),
+        "proj": ("_Scalings.proj", "linear"),
+    }
+    assert not report.fully_converted and "NOT fully converted: 1 linear, 4 scaling left" in report.summary()
+    converted(torch.randn(2, 3, 6, 6))
+
+
+def test_resmlp_affine_and_layer_scales_are_reported():
+    """resmlp_12: 25 Affine alphas and 12 + 12 layer scales; Affine's beta only shifts, so it is not listed."""
+    model = timm.create_model("resmlp_12_224", pretrained=False, num_classes=5, img_size=32)
+    _, report = convert_model(model, input_size=(3, 32, 32))
+    counts = {}
+    for entry in report.unconverted:
+        assert entry.kind == "scaling"
+        counts[entry.type_name] = counts.get(entry.type_name, 0) + 1
+    assert counts == {"Affine.alpha": 25, "ResBlock.ls1": 12, "ResBlock.ls2": 12}
+    assert not report.fully_converted
+    assert {"blocks.0.norm1.alpha", "blocks.11.ls2", "norm.alpha"} <= {e.name for e in report.unconverted}
+
+
+def test_summary_says_what_fully_means():
+    _, report = convert_model(timm.create_model("resnet18", pretrained=False, num_classes=3), input_size=(3, 32, 32))
+    last = report.summary().splitlines()[-1]
+    assert last.startswith("fully converted: every ReLU-family activation, BatchNorm, conv/linear and learned scaling")
+    assert last.endswith("(1 pool left alone as listed: not counted)")
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -251,7 +304,10 @@ def test_timm_model_converts_and_trains(name):
     kwargs = dict(img_size=64) if name.startswith("vit") else {}
     model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
     converted, report = convert_model(model, input_size=(3, 64, 64))
-    assert report.fully_converted, str(report)
+    if name.startswith("convnext"):  # its blocks' layer-scale vectors
+        assert {(e.type_name, e.kind) for e in report.unconverted} == {("ConvNeXtBlock.gamma", "scaling")}
+    else:
+        assert report.fully_converted, str(report)
     _audit_is_complete(converted, report)
     assert any(isinstance(m, CenteredSoftplus) for m in converted.modules())
     convs = [m for m in converted.modules() if type(m) in PLAIN_CONVS + STANDARDIZED_CONVS + LINEARS]

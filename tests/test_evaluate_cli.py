@@ -11,7 +11,7 @@ from torch import nn
 
 from lcnn_timm.cli import main as lcnn_main
 from lcnn_timm.curvature import estimate_curvature
-from lcnn_timm.evaluation import create_eval_model, load_eval_data
+from lcnn_timm.evaluation import create_eval_model, load_eval_data, load_results
 from lcnn_timm.evaluation.cli import main
 from lcnn_timm.layers import CenteredSoftplus
 
@@ -51,7 +51,7 @@ def test_full_run_writes_self_describing_results(tmp_path, capsys):
     code = lcnn_main(["evaluate", "evaltest_tiny_softplus", "--dataset", "synthetic", "--out", str(out), *FAST])
     assert code == 0
     results = json.loads(out.read_text())
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2
     assert results["dataset"]["name"] == "synthetic" and results["dataset"]["count"] == 12
     assert results["model"]["name"] == "evaltest_tiny_softplus"
     assert results["model"]["input_normalization"]["mean"] == [0.5, 0.5, 0.5]
@@ -68,6 +68,7 @@ def test_full_run_writes_self_describing_results(tmp_path, capsys):
     direct = estimate_curvature(model, x, y, iterations=3, generator=torch.Generator().manual_seed(0))
     curv = metrics["curvature"]
     assert curv["meaningful"] and curv["iterations"] == 3 and curv["count"] == 12
+    assert curv["method"]["name"] == "lanczos" and curv["method"]["steps"] == 3 and curv["iterations_used"]["max"] == 3
     assert curv["gradient_norm"]["mean"] == pytest.approx(direct.gradient_norm.mean().item(), rel=1e-5)
     assert curv["curvature"]["median"] > 0
     assert (tmp_path / "sub" / curv["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,6 +92,22 @@ def test_results_feed_model_cards(tmp_path):
     assert code == 0
     names = [m.name for m in card.metrics_from_results(results)]
     assert names[0].startswith("Clean top-1") and len(names) == 1 + 3 + 4
+    curvature_protocol = card.metrics_from_results(results)[1].protocol
+    assert "3 Lanczos steps (3 HVPs" in curvature_protocol
+
+
+def test_schema_1_results_stay_readable(tmp_path):
+    """Power-iteration results (schema 1) still load and their cards still say how they were measured."""
+    card = pytest.importorskip("lcnn_timm.hub.card")
+    curvature = {"count": 8, "iterations": 10, "eps": 1e-6, "curvature": {"mean": 2.0, "std": 0.5}}
+    path = tmp_path / "results.json"
+    for version, method in ((1, "10 Hessian-vector power iterations,"), (2, "10 Lanczos steps (10 HVPs")):
+        path.write_text(json.dumps({"schema_version": version, "metrics": {"curvature": curvature}}))
+        results = load_results(str(path))
+        assert method in card.metrics_from_results(results)[0].protocol
+    path.write_text(json.dumps({"schema_version": 3}))
+    with pytest.raises(ValueError, match="schema_version 3 is not supported"):
+        load_results(str(path))
 
 
 def test_checkpoint_is_loaded_and_hashed(tmp_path):

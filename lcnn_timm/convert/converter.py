@@ -13,6 +13,7 @@ from .fx_activations import rewrite_functional_activations
 from .norms import replace_batchnorms
 from .probe import probe
 from .report import ConversionReport
+from .scalings import find_learned_scalings
 
 __all__ = ["convert_model"]
 
@@ -89,6 +90,7 @@ def convert_model(
 
     report = ConversionReport()
     probed = probe(model, input_size)
+    scalings = find_learned_scalings(model)  # before the conversion changes any layer's type
     gamma_bns = replace_batchnorms(model, probed, gamma, report)
     replace_activations(model, beta, report)
     model = rewrite_functional_activations(model, beta, report)
@@ -97,4 +99,6 @@ def convert_model(
         absorb_spectral_scales(model, probed, normalized, gamma_bns, report)
         open_gamma_clips(model, gamma)
     _audit(model, report)
+    for scaling in scalings:
+        report.leave(*scaling)
     return model, report

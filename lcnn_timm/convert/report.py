@@ -1,14 +1,20 @@
 """What a conversion changed, and what it left alone and why."""
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List
+from typing import Iterable, List
 
-__all__ = ["ConversionReport", "Replacement", "LeftAlone", "Compensation", "UNCONVERTED_KINDS"]
+__all__ = ["ConversionReport", "Replacement", "LeftAlone", "Compensation", "FULLY_CONVERTED_MEANS", "UNCONVERTED_KINDS"]
 
 # Kinds of left-alone entries that mean the model is NOT a complete LCNN: a
-# ReLU-family activation, a BatchNorm or an un-normalised conv/linear remains,
-# or a forward could not be searched for functional activations.
-UNCONVERTED_KINDS = ("activation", "batchnorm", "conv", "linear", "untraceable")
+# ReLU-family activation, a BatchNorm, an un-normalised conv/linear or a learned
+# scaling (layer scale, ``Affine``) remains, or a forward could not be searched.
+# The other kinds (norm, attention, pool, gate, note) are reported but do not
+# count: the conversion has no LCNN form for them.
+UNCONVERTED_KINDS = ("activation", "batchnorm", "conv", "linear", "scaling", "untraceable")
+FULLY_CONVERTED_MEANS = (
+    "every ReLU-family activation, BatchNorm, conv/linear and learned scaling is in LCNN form "
+    "and every forward was searched"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,11 @@ class Compensation:
     absorbed_by: str
 
 
+def _counts(entries: Iterable[LeftAlone]) -> str:
+    """``"2 gate, 1 pool"``: entries per kind."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(e.kind for e in entries).items()))
+
+
 @dataclass
 class ConversionReport:
     """Result of :func:`lcnn_timm.convert_model`."""
@@ -64,7 +75,11 @@ class ConversionReport:
 
     @property
     def fully_converted(self) -> bool:
-        """True if no ReLU-family activation, BatchNorm or plain conv/linear remains and every forward was searched."""
+        """True if no entry of an ``UNCONVERTED_KINDS`` kind was left alone (see ``FULLY_CONVERTED_MEANS``).
+
+        Norms, attention, max pooling and gates may remain: they are listed in
+        ``left_alone`` but have no LCNN form, so they do not count.
+        """
         return not self.unconverted
 
     @property
@@ -86,7 +101,13 @@ class ConversionReport:
             lines.append(
                 f"function-preserving: {absorbed}/{len(self.compensations)} spectral-norm scales absorbed by BatchNorm"
             )
-        lines.append("fully converted" if self.fully_converted else f"NOT fully converted ({len(self.unconverted)} left)")
+        if self.fully_converted:
+            others = _counts(e for e in self.left_alone if e.kind != "note")
+            tail = f" ({others} left alone as listed: not counted)" if others else ""
+            lines.append(f"fully converted: {FULLY_CONVERTED_MEANS}{tail}")
+        else:
+            lines.append(f"NOT fully converted: {_counts(self.unconverted)} left "
+                         f"(fully converted means {FULLY_CONVERTED_MEANS})")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -5,6 +5,7 @@ from .penalty import CurvaturePenalty, add_penalty_to_backward, curvature_penalt
 from .estimator import (
     CurvatureEstimate,
     CurvatureNotMeaningfulWarning,
+    DEFAULT_LANCZOS_STEPS,
     curvature_statistics,
     estimate_curvature,
     frozen_parameters,

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
+from ..curvature.estimator import DEFAULT_LANCZOS_STEPS
 from .datasets import EvalData, load_eval_data
 from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
@@ -58,11 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results.json path (the histogram PNG goes beside it)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of power-iteration starts, PGD starts and noise")
-    p.add_argument("--curvature-iterations", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seed of Lanczos starts, PGD starts and noise")
+    p.add_argument("--curvature-iterations", type=int, default=DEFAULT_LANCZOS_STEPS,
+                   help="Lanczos steps (= Hessian-vector products) per example")
     p.add_argument("--curvature-eps", type=float, default=1e-6, help="eps in C = ||H|| / (||g|| + eps)")
     p.add_argument("--curvature-tol", type=float, default=0.0,
-                   help="stop an example once its eigenvalue estimate changes by <= tol relative (0: never)")
+                   help="stop an example once its Ritz residual is <= tol * |eigenvalue| (0: never)")
     p.add_argument("--pgd-norm", choices=("l2", "linf"), default="l2", help="norm of PGD and AutoAttack")
     p.add_argument("--pgd-eps", type=_floats, default=(0.05, 0.1, 0.15, 0.2), help="radii of PGD and AutoAttack")
     p.add_argument("--pgd-steps", type=int, default=10)

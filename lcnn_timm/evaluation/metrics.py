@@ -11,8 +11,10 @@ from torch import nn
 
 from ..certify.evaluate import certified_accuracy
 from ..curvature.estimator import (
+    DEFAULT_LANCZOS_STEPS,
     batches_on_device,
     curvature_statistics,
+    describe_method,
     gradient_stability_statistics,
     model_device,
     warn_if_piecewise_linear,
@@ -35,7 +37,7 @@ class MetricOptions:
     """Protocol knobs of every metric (the CLI's options)."""
 
     seed: int = 0
-    curvature_iterations: int = 10
+    curvature_iterations: int = DEFAULT_LANCZOS_STEPS  # Lanczos steps = HVPs per example
     curvature_eps: float = 1e-6
     curvature_tol: float = 0.0
     pgd_norm: str = "l2"
@@ -62,7 +64,7 @@ def curvature(model: nn.Module, data: EvalData, opts: MetricOptions) -> Dict[str
     block: Dict[str, Any] = {
         "count": data.count, "iterations": opts.curvature_iterations, "eps": opts.curvature_eps,
         "tol": opts.curvature_tol, "seed": opts.seed, "function": CURVATURE_FUNCTION,
-        "method": "power iteration on double-backward Hessian-vector products, Rayleigh quotient",
+        "method": describe_method(opts.curvature_iterations, opts.curvature_tol),
     }
     warning = warn_if_piecewise_linear(model)
     if warning is not None:  # the numbers would look like (near-)zero curvature: report none

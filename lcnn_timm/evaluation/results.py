@@ -13,10 +13,13 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["SCHEMA_VERSION", "environment", "load_per_example", "load_results", "new_results", "write_per_example",
-           "write_results"]
+__all__ = ["READABLE_SCHEMA_VERSIONS", "SCHEMA_VERSION", "check_schema_version", "curvature_protocol", "environment",
+           "load_per_example", "load_results", "new_results", "write_per_example", "write_results"]
 
-SCHEMA_VERSION = 1
+# 2: curvature by Lanczos; "iterations" counts Lanczos steps (= HVPs per example), "method" is an object.
+# 1: curvature by power iteration; "iterations" counted power steps (iterations + 1 HVPs), "method" a sentence.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
 def environment(device: torch.device) -> Dict[str, Any]:
@@ -82,11 +85,26 @@ def load_per_example(path: str) -> torch.Tensor:
         return torch.tensor(json.load(f)["curvature"], dtype=torch.float64)
 
 
+def check_schema_version(results: Dict[str, Any], source: str = "results.json") -> int:
+    """The document's ``schema_version``; a ValueError naming ``source`` if this package cannot read it."""
+    version = results.get("schema_version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{source}: results schema_version {version!r} is not supported "
+                         f"(this package reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+    return version
+
+
+def curvature_protocol(block: Dict[str, Any], version: int) -> str:
+    """How a curvature block's ``||H||`` was estimated, in words (e.g. for model cards)."""
+    steps = block["iterations"]
+    if version == 1:  # worded as before, so cards built from schema-1 files do not change
+        return f"{steps} Hessian-vector power iterations"
+    return f"{steps} Lanczos steps ({steps} HVPs, largest-magnitude Ritz value)"
+
+
 def load_results(path: str) -> Dict[str, Any]:
     """Read a results.json, refusing schema versions this package does not know."""
     with open(path, encoding="utf-8") as f:
         results = json.load(f)
-    version = results.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: results schema_version {version!r} is not supported (this package writes {SCHEMA_VERSION})")
+    check_schema_version(results, path)
     return results

@@ -3,9 +3,9 @@
 Cards are never edited by hand. ``render_card_for_folder`` builds the README of one repository folder,
 ``regenerate_cards`` rewrites every ``hub_cards/<name>/README.md``.
 
-``results.json`` as read here (schema_version 1, written by ``lcnn-timm evaluate``)::
+``results.json`` as read here (schema_version 1 or 2, written by ``lcnn-timm evaluate``)::
 
-    {"schema_version": 1, "model": ..., "dataset": {"name": "fashion_mnist", "split": "test"},
+    {"schema_version": 2, "model": ..., "dataset": {"name": "fashion_mnist", "split": "test"},
      "metrics": {
        "accuracy": {"value": 91.2, "count": 10000},                       # percent
        "curvature": {"count": 1000, "iterations": 10, "eps": 1e-6,
@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from ..evaluation.results import READABLE_SCHEMA_VERSIONS, check_schema_version, curvature_protocol
+
 __all__ = ['Metric', 'metrics_from_results', 'render_card', 'render_card_for_folder', 'regenerate_cards',
            'CARD_META_KEY', 'TEMPLATE_PATH', 'SUPPORTED_RESULTS_VERSIONS']
 
@@ -31,7 +33,7 @@ __all__ = ['Metric', 'metrics_from_results', 'render_card', 'render_card_for_fol
 CARD_META_KEY = 'lcnn_timm'
 # a symlink to hub_cards/TEMPLATE.md in the source tree; setuptools copies the file itself into the wheel
 TEMPLATE_PATH = Path(__file__).parent / 'TEMPLATE.md'
-SUPPORTED_RESULTS_VERSIONS = (1,)
+SUPPORTED_RESULTS_VERSIONS = READABLE_SCHEMA_VERSIONS
 
 # results.json dataset name -> (Hub dataset id for the card's `datasets:` field, display name)
 _DATASETS = {
@@ -74,10 +76,7 @@ def _dataset(results: Dict[str, Any]) -> Dict[str, str]:
 
 def metrics_from_results(results: Dict[str, Any]) -> List[Metric]:
     """The card's metrics, in table order, from a parsed results.json (see the module docstring for its schema)."""
-    version = results.get('schema_version')
-    if version not in SUPPORTED_RESULTS_VERSIONS:
-        raise ValueError(f'results.json schema_version {version!r} is not supported '
-                         f'(supported: {", ".join(map(str, SUPPORTED_RESULTS_VERSIONS))}).')
+    version = check_schema_version(results)
     ds = _dataset(results)
     where = f'{ds["display"]} {ds["split"]}'
     metrics = results.get('metrics') or {}
@@ -87,7 +86,7 @@ def metrics_from_results(results: Dict[str, Any]) -> List[Metric]:
         out.append(Metric('accuracy', 'Clean top-1 accuracy (%)', acc['value'], f'{where}, {acc["count"]} images'))
     curv = metrics.get('curvature')
     if curv:
-        protocol = (f'{where}, {curv["count"]} images, {curv["iterations"]} Hessian-vector power iterations, '
+        protocol = (f'{where}, {curv["count"]} images, {curvature_protocol(curv, version)}, '
                     f'f = cross-entropy at the true label, pixels in [0, 1], eps = {curv["eps"]:g}; mean ± std over images')
         for key, mtype, name in (
                 ('curvature', 'normalized_curvature', 'E C_f (normalized curvature)'),
