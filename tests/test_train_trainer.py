@@ -114,7 +114,8 @@ def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="'lr' expects float"):
         load_config(None, {"lr": "fast"})
     cfg = load_config(None, parse_overrides(["--beta-weight", "1e-3", "--amp", "--color-jitter", "0.4", "--resume"]))
-    assert cfg.beta_weight == 1e-3 and cfg.amp and cfg.resume == "auto"
+    assert cfg.beta_weight == 1e-3 and cfg.amp and cfg.resume == "latest"
+    assert load_config(None, {"amp": "auto"}).amp is None and load_config(None, {}).amp is None
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
