@@ -87,7 +87,7 @@ def load_checkpoint(weights_path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[s
     try:
         return load_file(str(weights_path)), torch.load(state_path, map_location="cpu", weights_only=False)
     except Exception as error:  # safetensors, pickle and zip readers each raise their own types for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {weights_path.name} is unreadable ({reason})") from error
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..curvature.penalty import lcnn_parameters
-from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
+from ..data import DEFAULT_FASHION_MNIST_DIR, TensorLoader, load_image_tensors, resolve_dataset_name
 from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_candidates, describe_mismatch,
                          load_checkpoint, save_checkpoint, save_weights)
 from .config import TrainConfig
@@ -97,6 +97,17 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _check_data_dir(cfg: TrainConfig) -> None:
+    """A data_dir written as a local path must exist: otherwise the loaders would try it as a Hub id (slowly,
+    then failing with a message about the Hub)."""
+    fashion = resolve_dataset_name(cfg.dataset) == "fashion_mnist"
+    source = cfg.data_dir or (DEFAULT_FASHION_MNIST_DIR if fashion else None)
+    if source and source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        hint = "; install it with: apt-get install -y dataset-fashion-mnist" if source == DEFAULT_FASHION_MNIST_DIR \
+            else "; set data_dir to the folder holding the dataset's files"
+        raise TrainSetupError(f"dataset {cfg.dataset!r}: data_dir {source} does not exist{hint}")
+
+
 def output_dir(cfg: TrainConfig) -> Path:
     """The run's folder: ``output/experiment``, defaulting to ``output/train/<experiment or model-dataset>``."""
     if cfg.output:
@@ -138,6 +149,7 @@ class Trainer:
                 "(also as hfds/uoft-cs/cifar10, hfds/uoft-cs/cifar100, torch/fashion_mnist); use timm's train.py "
                 "with device_modules: [lcnn_timm] for other datasets"
             )
+        _check_data_dir(cfg)
         try:
             train_x, train_y = load_image_tensors(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.target_key)
             val_x, val_y = load_image_tensors(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.target_key)
