@@ -120,9 +120,18 @@ def test_set_up_errors_are_one_line_with_status_2(idx_dir, config, tmp_path, cap
     assert code == 2 and "no --config given" in output and not out.exists(), output
 
 
-def test_per_epoch_validation_uses_the_final_batchnorm_statistics(idx_dir, config, tmp_path, capsys):  # noqa: F811
+def test_per_epoch_validation_uses_the_final_batchnorm_statistics(idx_dir, config, tmp_path, capsys,
+                                                                   reference_run):  # noqa: F811
     code, output = _in_process(capsys, _cli(config, *_args(idx_dir, tmp_path, "--precise-bn-batches", "2")))
     assert code == 0, output
+    # the re-estimation works on a copy: training (last checkpoint) is bit-identical to a run without it ...
+    last = load_file(str(tmp_path / f"{_pointer(tmp_path)['checkpoint']}.safetensors"))
+    reference = load_file(str(reference_run / f"{_pointer(reference_run)['checkpoint']}.safetensors"))
+    assert all(torch.equal(last[k], reference[k]) for k in reference)
+    # ... while the final weights carry the re-estimated statistics
+    final_weights = load_file(str(tmp_path / "model.safetensors"))
+    stats = [k for k in last if k.endswith("running_mean")]
+    assert stats and not any(torch.equal(last[k], final_weights[k]) for k in stats)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = json.loads((tmp_path / "final_eval.json").read_text())
     # validation and the final test both use all 32 test images: the last epoch's figures are the final ones
