@@ -325,7 +325,7 @@ class Trainer:
     def _agree(self, loss: torch.Tensor, parts: Dict[str, torch.Tensor]) -> None:
         """Check the loss is finite and settle whether to checkpoint or stop after this step, on every rank alike.
 
-        One all-reduce carries all three flags; the recovery clock and the signal are rank 0's to decide.
+        One all-reduce carries all three flags: the recovery clock is rank 0's; a signal on any rank stops all.
         """
         flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0,
                               float(self.primary and self._recovery_due()),
