@@ -74,7 +74,9 @@ def plot_metrics(rows: List[dict], directory: Path, final: Optional[dict] = None
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for key in present:
             points = [(row["epoch"] + 1, row[key]) for row in rows if key in row and math.isfinite(row[key])]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+            images = next((row["val_images"] for row in rows if key.startswith("val_") and "val_images" in row), None)
+            ax.plot(*zip(*points), marker="o", markersize=3,
+                    label=f"{key} (first {images} test images)" if images else key)
         if name == "accuracy" and final and rows:
             ax.plot([rows[-1]["epoch"] + 1], [final["test_acc"]], marker="*", markersize=10, linestyle="none",
                     label=f"final test_acc {final['test_acc']:.3f} ({final['test_images']} images)")
