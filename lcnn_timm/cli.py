@@ -1,36 +1,10 @@
-"""``lcnn-timm`` command line: one sub-command per concern, each in its own module."""
-import importlib
+"""``python -m lcnn_timm.cli`` (e.g. under torchrun): the ``lcnn-timm`` command, whose dispatcher lives in
+:mod:`lcnn_timm_cli` so that ``lcnn-timm --help`` need not import torch."""
 import sys
-from typing import List, Optional
 
-# sub-command -> (module with ``main(argv) -> int``, one-line help)
-COMMANDS = {
-    "train": ("lcnn_timm.train.cli", "train a model from a timm-format YAML config"),
-    "evaluate": ("lcnn_timm.evaluation.cli", "measure accuracy, curvature and robustness; write results.json"),
-    "push": ("lcnn_timm.hub.cli", "write a timm-layout Hub repository (model card included) and upload it"),
-    "reproduce": ("lcnn_timm.zoo", "train, evaluate and publish every configs/ row of the paper's table"),
-}
+from lcnn_timm_cli import COMMANDS, main
 
-
-def _usage() -> str:
-    lines = ["usage: lcnn-timm COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run 'lcnn-timm COMMAND --help' for a command's options."]
-    return "\n".join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"lcnn-timm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
-
+__all__ = ["COMMANDS", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

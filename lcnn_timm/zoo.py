@@ -69,7 +69,7 @@ EVAL_METRICS = ("accuracy", "curvature", "pgd", "gradient_stability")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lcnn-timm reproduce", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="lcnn-timm reproduce", description=__doc__.split("\n\n")[0].replace("``", "'"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", choices=sorted(ZOOS), default="cifar100", help="which dataset's table (default cifar100)")
     p.add_argument("--rows", default=",".join(r.key for r in ROWS),

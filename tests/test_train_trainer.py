@@ -42,7 +42,9 @@ def _args(idx_dir, output, *extra):
 
 
 def _run(args, env=None, **kwargs):
-    return subprocess.Popen([sys.executable, str(RUNNER), *args], env={**os.environ, **(env or {})},
+    # the checkout under test first on the path, not whichever copy the environment installed
+    path = os.pathsep.join(filter(None, [str(RUNNER.parents[1]), os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, str(RUNNER), *args], env={**os.environ, "PYTHONPATH": path, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -67,12 +69,27 @@ def test_outputs_metrics_plots_and_final_eval(idx_dir, tmp_path):
     assert all(torch.equal(weights[k], final_weights[k]) for k in weights)
 
 
-def test_sigkill_then_resume_reaches_the_uninterrupted_weights(idx_dir, tmp_path):
-    reference = _run(_args(idx_dir, tmp_path / "ref"))
-    assert reference.wait(timeout=120) == 0, reference.stdout.read()
+@pytest.fixture(scope="module")
+def reference_run(idx_dir, tmp_path_factory):
+    """The uninterrupted run the resumed ones must reproduce bit for bit (do not modify its folder)."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = _run(_args(idx_dir, out))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    return out
+
+
+def assert_same_final_weights(expected_dir, got_dir):
+    expected = load_file(str(expected_dir / "model.safetensors"))
+    got = load_file(str(got_dir / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_sigkill_then_resume_reaches_the_uninterrupted_weights(idx_dir, tmp_path, reference_run):
     killed_dir = tmp_path / "killed"
     victim = _run(_args(idx_dir, killed_dir), env={"LCNN_TEST_STEP_DELAY": "0.05"})
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # generous: start-up alone can take a minute on a loaded CPU
     while time.time() < deadline:  # kill once a mid-training checkpoint of the second epoch exists
         pointer = killed_dir / "last.json"
         if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 8:
@@ -86,10 +103,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(idx_dir, tmp_path
     resumed = _run(_args(idx_dir, killed_dir, "--resume"))
     output, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0 and "resumed from" in output, output
-    expected = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    got = load_file(str(killed_dir / "model.safetensors"))
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_final_weights(reference_run, killed_dir)
     rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [0, 1, 2]
 
@@ -114,7 +128,8 @@ def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="'lr' expects float"):
         load_config(None, {"lr": "fast"})
     cfg = load_config(None, parse_overrides(["--beta-weight", "1e-3", "--amp", "--color-jitter", "0.4", "--resume"]))
-    assert cfg.beta_weight == 1e-3 and cfg.amp and cfg.resume == "auto"
+    assert cfg.beta_weight == 1e-3 and cfg.amp and cfg.resume == "latest"
+    assert load_config(None, {"amp": "auto"}).amp is None and load_config(None, {}).amp is None
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)

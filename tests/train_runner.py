@@ -4,6 +4,7 @@ Extra environment knobs for the tests: LCNN_TEST_STEP_DELAY (seconds to sleep
 per step, so a test can kill the run mid-training), LCNN_TEST_NAN_AT_STEP (the
 loss of that step becomes NaN) and LCNN_TEST_DUMP_RANKS (each rank saves its
 final weights to <output>/rank<r>.pt). Exit status 3 on a non-finite loss, like the CLI.
+A first argument ``--cli`` runs the rest through ``lcnn-timm train``'s own entry point instead.
 """
 import os
 import sys
@@ -43,6 +44,10 @@ def main(argv):
 
         trainer_module.LCNNTask.steps_seen = 0
         trainer_module.LCNNTask.forward = poisoned_forward
+    if argv[:1] == ["--cli"]:
+        from lcnn_timm.train.cli import main as cli_main
+
+        return cli_main(argv[1:])
     cfg = load_config(None, parse_overrides(argv))
     trainer = trainer_module.Trainer(cfg)
     try:

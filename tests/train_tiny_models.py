@@ -34,6 +34,16 @@ def tiny_standard(in_chans: int = 1, num_classes: int = 3, width: int = 4) -> nn
     )
 
 
+def tiny_relu(in_chans: int = 1, num_classes: int = 3, width: int = 4) -> nn.Module:
+    """A stock conv-BN-ReLU net with affine BNs: what ``convert: true`` turns into an LCNN."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
+    )
+
+
 def _register() -> None:
     """Expose the tiny models to timm.create_model (the trainer builds models by name)."""
     from timm.models import is_model, register_model
@@ -48,6 +58,10 @@ def _register() -> None:
     @register_model
     def test_tiny_standard(pretrained=False, num_classes=3, in_chans=1, drop_rate=0.0, **kwargs):
         return tiny_standard(in_chans, num_classes)
+
+    @register_model
+    def test_tiny_relu(pretrained=False, num_classes=3, in_chans=1, drop_rate=0.0, **kwargs):
+        return tiny_relu(in_chans, num_classes)
 
 
 _register()

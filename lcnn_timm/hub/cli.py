@@ -11,13 +11,16 @@ from .push import DEFAULT_COMMIT_MESSAGE, HubError, push_checkpoint
 
 # timm train.py config keys that fix how the model is built
 _MODEL_KEYS = ('num_classes', 'in_chans', 'img_size')
+# the organisation a dry run's card names when no --repo-id is given
+PLACEHOLDER_ORG = 'your-org'
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='lcnn-timm push', description=__doc__)
+    p = argparse.ArgumentParser(prog='lcnn-timm push', description=__doc__.replace('``', "'"))
     p.add_argument('checkpoint', help='weights to publish (.safetensors from lcnn-timm train, or a timm .pth)')
     p.add_argument('--model', required=True, help='registered timm architecture, e.g. lcnn_resnet18')
-    p.add_argument('--repo-id', required=True, help='Hub repository, ORG/REPO')
+    p.add_argument('--repo-id', help=f'Hub repository, ORG/REPO (required unless --dry-run; a dry run without it '
+                                     f'names {PLACEHOLDER_ORG}/<--out folder name> in the card)')
     p.add_argument('--results', help='results.json from lcnn-timm evaluate (the card is built from it)')
     p.add_argument('--config', help='training YAML; published as train.yaml, shown in the card, and read for '
                                     'model_kwargs / num_classes / in_chans / img_size')
@@ -55,7 +58,13 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.repo_id is None:
+        if not (args.dry_run and args.out):
+            parser.error('--repo-id ORG/REPO is required (a --dry-run with --out can do without)')
+        args.repo_id = f'{PLACEHOLDER_ORG}/{Path(args.out).resolve().name}'
+        print(f'dry run without --repo-id: the card names the placeholder {args.repo_id}')
     try:
         label_names = json.loads(Path(args.label_names).read_text(encoding='utf-8')) if args.label_names else None
         commit = push_checkpoint(

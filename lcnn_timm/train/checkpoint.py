@@ -3,20 +3,27 @@
 A checkpoint ``ckpt-<step>`` is the pair ``ckpt-<step>.safetensors`` (model
 weights) and ``ckpt-<step>.state.pt`` (optimizer, scheduler, EMA, RNG and loader
 position). Both are written as temp files and renamed, then ``last.json`` is
-atomically replaced to point at the pair; only then are older pairs deleted.
-A kill at any moment therefore leaves ``last.json`` naming a complete pair.
+atomically replaced to point at the pair; only then are older pairs deleted,
+except the previous one, kept as a fallback should the newest prove unreadable
+(a disk filling up, a copy cut short). A kill at any moment therefore leaves
+``last.json`` naming a complete pair.
 """
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_write_text", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "save_weights"]
+__all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "describe_mismatch", "load_checkpoint",
+           "save_checkpoint", "save_weights"]
 
 POINTER = "last.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or truncated."""
 
 
 def _atomic(path: Path, write) -> None:
@@ -38,34 +45,63 @@ def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], metadata: Opti
     _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def save_checkpoint(directory: Path, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` into ``directory``, point ``last.json`` at it, delete older ones."""
+def save_checkpoint(directory: Path, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
+                    previous: Optional[Path] = None) -> Path:
+    """Write checkpoint ``step`` into ``directory``, point ``last.json`` at it, delete older ones but ``previous``."""
     directory = Path(directory)
     name = f"ckpt-{step:09d}"
     save_weights(directory / f"{name}.safetensors", weights, metadata={"step": str(step)})
     _atomic(directory / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
     atomic_write_text(directory / POINTER, json.dumps({"checkpoint": name, "step": step}))
+    keep = {name} | ({_stem(Path(previous))} if previous is not None else set())
     for old in directory.glob("ckpt-*"):
-        if not old.name.startswith(name + "."):
+        if old.name.split(".", 1)[0] not in keep:
             old.unlink(missing_ok=True)
     return directory / f"{name}.safetensors"
 
 
-def latest_checkpoint(path: Path) -> Optional[Path]:
-    """The weights file of the checkpoint a folder's ``last.json`` names (or ``path`` itself if it is one)."""
+def _stem(weights_path: Path) -> str:
+    return weights_path.name.split(".", 1)[0]
+
+
+def checkpoint_candidates(path: Path) -> List[Path]:
+    """Weights files to resume from, best first: ``path`` itself if it is a file; else the checkpoint the folder's
+    ``last.json`` names, then the folder's other ``ckpt-*.safetensors`` newest first (fallbacks)."""
     path = Path(path)
     if path.is_file():
-        return path
-    pointer = path / POINTER
-    if not pointer.is_file():
-        return None
-    return path / f"{json.loads(pointer.read_text())['checkpoint']}.safetensors"
+        return [path]
+    found = sorted(path.glob("ckpt-*.safetensors"), reverse=True) if path.is_dir() else []
+    try:
+        named = path / f"{json.loads((path / POINTER).read_text())['checkpoint']}.safetensors"
+    except (OSError, ValueError, KeyError):  # no pointer (or a damaged one): the files alone decide
+        return found
+    return [named] * (named in found) + [p for p in found if p != named]
 
 
 def load_checkpoint(weights_path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """The (weights, resume state) pair of a checkpoint."""
+    """The (weights, resume state) pair of a checkpoint; :class:`CheckpointError` if either is missing or unreadable."""
     weights_path = Path(weights_path)
-    state_path = weights_path.with_name(weights_path.name.replace(".safetensors", ".state.pt"))
+    state_path = weights_path.with_name(f"{_stem(weights_path)}.state.pt")
     if not weights_path.is_file() or not state_path.is_file():
-        raise FileNotFoundError(f"checkpoint {weights_path} is incomplete: need it and {state_path.name}")
-    return load_file(str(weights_path)), torch.load(state_path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"checkpoint {weights_path} is incomplete: need it and {state_path.name}")
+    try:
+        return load_file(str(weights_path)), torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as error:  # safetensors, pickle and zip readers each raise their own types for a damaged file
+        reason = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {weights_path.name} is unreadable ({reason})") from error
+
+
+def describe_mismatch(expected: Dict[str, torch.Tensor], found: Dict[str, torch.Tensor], limit: int = 3) -> str:
+    """A one-line summary of how state dict ``found`` differs from ``expected`` ('' if it matches): counts of missing,
+    unexpected and wrongly shaped entries, with the first ``limit`` names of each."""
+    def listing(what: str, keys: List[str]) -> str:
+        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+        return f"{len(keys)} {what} ({', '.join(keys[:limit])}{more})"
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and found[k].shape != v.shape]
+    parts = [listing(what, keys) for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+    return "; ".join(parts)

@@ -49,6 +49,8 @@ class TrainConfig:
     in_chans: Optional[int] = None
     img_size: Optional[int] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    convert: bool = False  # LCNN-ify the (stock timm) model with lcnn_timm.convert_model before training
+    convert_function_preserving: bool = False
     drop: float = 0.0
     channels_last: bool = False
     torchcompile: Optional[str] = None
@@ -77,7 +79,7 @@ class TrainConfig:
     # batches, precision, devices
     batch_size: int = 128
     validation_batch_size: Optional[int] = None
-    amp: bool = False
+    amp: Optional[bool] = None  # None ('auto'): bf16 where the hardware has it natively, else fp32
     amp_dtype: str = "bfloat16"
     device: Optional[str] = None
     seed: int = 42
@@ -88,7 +90,7 @@ class TrainConfig:
     output: str = ""
     experiment: str = ""
     resume: str = ""
-    recovery_interval: int = 0
+    recovery_interval: Optional[int] = None  # None: every 10 min of training; N: every N steps; 0: epoch ends only
     val_interval: int = 1
     # LCNN keys
     beta_weight: float = 0.0
@@ -136,7 +138,7 @@ def _check_type(key: str, value: Any) -> Any:
         raise ValueError(f"config key {key!r} cannot be null")
     kind = type(default) if default is not None else None
     if kind is None:  # Optional[...]: infer from the annotation
-        kind = next((k for k in (list, dict, int, float, str) if k.__name__ in annotation.lower()), None)
+        kind = next((k for k in (list, dict, bool, int, float, str) if k.__name__ in annotation.lower()), None)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
         try:
             value = float(value)
@@ -199,8 +201,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             continue
         if key not in _FIELDS:
             raise _unknown_key_error(key)
-        if key == "resume" and value is True:  # bare --resume: continue the output folder's run
-            value = "auto"
+        if key == "resume" and value is True:  # bare --resume: continue the output folder's run, which must exist
+            value = "latest"
+        if key == "amp" and value == "auto":
+            value = None
         kwargs[key] = _check_type(key, value)
     cfg = TrainConfig(**kwargs)
     _check_model_penalty(cfg)

@@ -2,7 +2,7 @@
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -49,12 +49,14 @@ def write_metrics(path: Path, rows: List[dict]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plot_metrics(rows: List[dict], directory: Path) -> List[Path]:
-    """One PNG per group of curves (losses, penalties, accuracy, beta/gamma, lr, speed) against epoch."""
+def plot_metrics(rows: List[dict], directory: Path, final: Optional[dict] = None) -> List[Path]:
+    """One PNG per group of curves (losses, penalties, accuracy, beta/gamma, lr, speed) against epoch (1-based
+    integer ticks, as printed). ``final`` (``final_eval.json``'s content) adds the final test accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     groups = {
         "losses": ["loss", "loss_ce", "loss_curvature", "loss_gradreg", "loss_cure", "val_loss"],
@@ -71,8 +73,14 @@ def plot_metrics(rows: List[dict], directory: Path) -> List[Path]:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for key in present:
-            points = [(row["epoch"], row[key]) for row in rows if key in row and math.isfinite(row[key])]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+            points = [(row["epoch"] + 1, row[key]) for row in rows if key in row and math.isfinite(row[key])]
+            images = next((row["val_images"] for row in rows if key.startswith("val_") and "val_images" in row), None)
+            ax.plot(*zip(*points), marker="o", markersize=3,
+                    label=f"{key} (first {images} test images)" if images else key)
+        if name == "accuracy" and final and rows:
+            ax.plot([rows[-1]["epoch"] + 1], [final["test_acc"]], marker="*", markersize=10, linestyle="none",
+                    label=f"final test_acc {final['test_acc']:.3f} ({final['test_images']} images)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.legend(fontsize=7)

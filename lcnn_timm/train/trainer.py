@@ -5,15 +5,19 @@ without weight decay) -> ``create_scheduler_v2`` -> optional ``ModelEmaV3`` and
 ``torch.compile`` -> DDP. Data comes from :mod:`lcnn_timm.data` as
 :class:`TensorLoader` batches. Every epoch appends to ``metrics.jsonl``,
 redraws the PNG curves and writes an atomic checkpoint; ``resume`` replays the
-run exactly from the last checkpoint.
+run exactly from the last checkpoint. SIGINT/SIGTERM finish the current step,
+checkpoint it and raise :class:`TrainingInterrupted`.
 """
 import contextlib
+import copy
 import json
-import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,20 +31,38 @@ from tqdm import tqdm
 
 from ..certify.gamma_cap import cap_gamma
 from ..curvature.penalty import lcnn_parameters
-from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from ..data import DEFAULT_FASHION_MNIST_DIR, TensorLoader, load_image_tensors, resolve_dataset_name
+from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_candidates, describe_mismatch,
+                         load_checkpoint, save_checkpoint, save_weights)
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
+from .precision import resolve_precision
 from .regularizers import frozen_state
 from .task import AdversarialConfig, LCNNTask
 
-__all__ = ["NonFiniteLossError", "Trainer", "param_groups", "train"]
+__all__ = ["NonFiniteLossError", "TrainSetupError", "Trainer", "TrainingInterrupted", "param_groups", "train"]
 
 LCNN_NO_DECAY = ("log_beta", "log_gamma")
+# recovery_interval unset: a mid-epoch checkpoint after this much training time, so a crash or kill -9 loses
+# at most ~10 minutes (SIGINT/SIGTERM lose nothing: they checkpoint the current step)
+RECOVERY_SECONDS = 600.0
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainSetupError(ValueError):
+    """The run cannot start (data, model or checkpoint to resume); nothing has been written."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training; ``checkpoint`` (if any) resumes it exactly."""
+
+    def __init__(self, signal_name: str, where: str, checkpoint: Optional[Path]):
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+        saved = f"checkpoint: {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+        super().__init__(f"interrupted by {signal_name} {where}; {saved}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -71,6 +93,22 @@ def _distributed_setup(cfg: TrainConfig) -> Tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_data_dir(cfg: TrainConfig) -> None:
+    """A data_dir written as a local path must exist: otherwise the loaders would try it as a Hub id (slowly,
+    then failing with a message about the Hub)."""
+    fashion = resolve_dataset_name(cfg.dataset) == "fashion_mnist"
+    source = cfg.data_dir or (DEFAULT_FASHION_MNIST_DIR if fashion else None)
+    if source and source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        hint = "; install it with: apt-get install -y dataset-fashion-mnist" if source == DEFAULT_FASHION_MNIST_DIR \
+            else "; set data_dir to the folder holding the dataset's files"
+        raise TrainSetupError(f"dataset {cfg.dataset!r}: data_dir {source} does not exist{hint}")
+
+
 def output_dir(cfg: TrainConfig) -> Path:
     """The run's folder: ``output/experiment``, defaulting to ``output/train/<experiment or model-dataset>``."""
     if cfg.output:
@@ -85,9 +123,7 @@ class Trainer:
         self.cfg = cfg
         self.device, self.rank, self.world_size = _distributed_setup(cfg)
         self.primary = self.rank == 0
-        self.out_dir = output_dir(cfg)
-        if self.primary:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = output_dir(cfg)  # created by fit(): a run that cannot start leaves nothing behind
         torch.manual_seed(cfg.seed)
         self._build_data()
         self._build_model()
@@ -96,22 +132,32 @@ class Trainer:
         self.epoch_seconds = 0.0  # time in training steps so far this epoch
         self.rows: List[dict] = []
         self.last_checkpoint: Optional[Path] = None
+        self.last_save_time = time.monotonic()
+        self.stop_signal: Optional[str] = None  # set by the SIGINT/SIGTERM handler
+        self.save_after_step = self.stop_after_step = False
+        self._calibrated: Optional[Tuple[int, nn.Module]] = None  # (step, BN-recalibrated copy of the model)
         if cfg.resume:
             self._resume(cfg.resume)
+        if self.primary:
+            print(f"precision: {self.precision_reason}", flush=True)
 
     # ---------------------------------------------------------------- setup
     def _build_data(self) -> None:
         cfg = self.cfg
         if resolve_dataset_name(cfg.dataset) is None:
-            raise ValueError(
+            raise TrainSetupError(
                 f"dataset {cfg.dataset!r}: lcnn-timm train reads cifar10, cifar100 and fashion_mnist "
                 "(also as hfds/uoft-cs/cifar10, hfds/uoft-cs/cifar100, torch/fashion_mnist); use timm's train.py "
                 "with device_modules: [lcnn_timm] for other datasets"
             )
-        train_x, train_y = load_image_tensors(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.target_key)
-        val_x, val_y = load_image_tensors(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.target_key)
+        _check_data_dir(cfg)
+        try:
+            train_x, train_y = load_image_tensors(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.target_key)
+            val_x, val_y = load_image_tensors(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.target_key)
+        except (OSError, ValueError) as error:  # a missing or damaged data_dir: one line naming it
+            raise TrainSetupError(f"dataset {cfg.dataset!r} (data_dir {cfg.data_dir or 'default'}): {error}") from None
         if cfg.img_size is not None and cfg.img_size != train_x.shape[-1]:
-            raise ValueError(f"img_size {cfg.img_size} differs from the dataset's native size {train_x.shape[-1]}; "
+            raise TrainSetupError(f"img_size {cfg.img_size} differs from the dataset's native size {train_x.shape[-1]}; "
                              "the tensor pipeline does not resize")
         self.num_classes = cfg.num_classes or int(max(train_y.max(), val_y.max())) + 1
         self.in_chans = cfg.in_chans or train_x.shape[1]
@@ -119,6 +165,7 @@ class Trainer:
             keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: cfg.train_num_samples]
             train_x, train_y = train_x[keep], train_y[keep]
         self.full_val = (val_x, val_y)
+        self.image_size = tuple(train_x.shape[-2:])
         if cfg.val_num_samples:
             val_x, val_y = val_x[: cfg.val_num_samples], val_y[: cfg.val_num_samples]
         common = dict(device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last,
@@ -140,8 +187,13 @@ class Trainer:
         cfg = self.cfg
         # the loss adds the curvature penalty; the model-side copy (for timm's train.py) would count it twice
         model_kwargs = {k: v for k, v in cfg.model_kwargs.items() if k != "curvature_penalty"}
-        model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=self.num_classes,
-                             in_chans=self.in_chans, drop_rate=cfg.drop, **model_kwargs)
+        try:
+            model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=self.num_classes,
+                                 in_chans=self.in_chans, drop_rate=cfg.drop, **model_kwargs)
+        except (RuntimeError, OSError, ValueError, TypeError) as error:  # unknown name, bad kwarg, weights unreachable
+            raise TrainSetupError(f"model {cfg.model!r}: {_first_line(error)}") from None
+        if cfg.convert:
+            model = self._convert(model)
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -160,10 +212,10 @@ class Trainer:
             cap_gamma(model, self.optimizer, cfg.gamma_cap)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, **scheduler_kwargs(cfg),
                                                 updates_per_epoch=len(self.train_loader))
-        fp16 = cfg.amp and cfg.amp_dtype == "float16"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=getattr(torch, cfg.amp_dtype))) if cfg.amp \
-            else contextlib.nullcontext
+        self.precision, self.precision_reason = resolve_precision(cfg.amp, cfg.amp_dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
+        self.autocast = contextlib.nullcontext if self.precision is None else \
+            (lambda: torch.autocast(self.device.type, dtype=getattr(torch, self.precision)))
         if cfg.model_ema:
             self.task.setup_ema(decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
         if cfg.torchcompile:
@@ -171,6 +223,20 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.task.prepare_distributed(device_ids=ids, find_unused_parameters=cfg.ddp_find_unused_parameters)
+
+    def _convert(self, model: nn.Module) -> nn.Module:
+        """LCNN-ify a stock timm model (``convert: true``) at the dataset's input size."""
+        from ..convert import convert_model
+
+        size = (self.in_chans, *self.image_size)
+        try:
+            model, report = convert_model(model, input_size=size,
+                                          function_preserving=self.cfg.convert_function_preserving)
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise TrainSetupError(f"convert: {self.cfg.model!r} at input {size}: {_first_line(error)}") from None
+        if self.primary:
+            print(f"converted {self.cfg.model} to an LCNN (input {size}):\n{report.summary()}", flush=True)
+        return model
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
@@ -188,18 +254,42 @@ class Trainer:
         """Checkpoint the current position (rank 0 writes; every rank waits for it)."""
         if self.primary:
             weights = unwrap_model(self.model).state_dict()
-            self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state())
+            self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state(),
+                                                   previous=self.last_checkpoint)
+        self.last_save_time = time.monotonic()
         if self.world_size > 1:
             dist.barrier()
 
     def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.out_dir if resume == "auto" else Path(resume))
-        if path is None:
-            if resume != "auto":
-                raise FileNotFoundError(f"resume: no checkpoint at {resume}")
-            return  # nothing to resume yet: start from scratch
-        weights, state = load_checkpoint(path)
-        unwrap_model(self.model).load_state_dict(weights)
+        """``resume``: 'latest' (bare ``--resume``: the output folder's checkpoint, which must exist), 'auto' (the
+        same, or a new run if there is none) or a folder / .safetensors path. An unreadable newest checkpoint
+        falls back to the previous one."""
+        where = self.out_dir if resume in ("latest", "auto") else Path(resume)
+        candidates = checkpoint_candidates(where)
+        if not candidates:
+            if resume == "auto":
+                if self.primary:
+                    print(f"resume: auto: no checkpoint in {where} yet; starting a new run", flush=True)
+                return
+            raise TrainSetupError(f"--resume: nothing to resume in {where} (no checkpoint there); check output/"
+                                  "experiment, or run without --resume to start a new run")
+        problems = []
+        for path in candidates:
+            try:
+                weights, state = load_checkpoint(path)
+                break
+            except CheckpointError as error:
+                problems.append(str(error))
+                if self.primary:
+                    print(f"resume: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
+        else:
+            raise TrainSetupError(f"--resume: no readable checkpoint in {where}: {'; '.join(problems)}")
+        model = unwrap_model(self.model)
+        mismatch = describe_mismatch(model.state_dict(), weights)
+        if mismatch:
+            raise TrainSetupError(f"--resume: {path} does not fit model {self.cfg.model!r} with this config: "
+                                  f"{mismatch}. Resume with the config that trained it")
+        model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -214,7 +304,7 @@ class Trainer:
         self.rows = [row for row in read_metrics(self.out_dir / "metrics.jsonl") if row["epoch"] < self.epoch]
         self.last_checkpoint = path
         if self.primary:
-            print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}")
+            print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}", flush=True)
 
     # ---------------------------------------------------------------- loop
     def _lcnn_means(self) -> Dict[str, float]:
@@ -226,11 +316,27 @@ class Trainer:
             out["mean_gamma"] = torch.stack([g.detach().exp() for g in log_gammas]).mean().item()
         return out
 
-    def _check_finite(self, loss: torch.Tensor, parts: Dict[str, torch.Tensor]) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+    def _recovery_due(self) -> bool:
+        """Whether the step about to run should end with a mid-epoch checkpoint (never on an epoch's last step)."""
+        interval, after = self.cfg.recovery_interval, self.batch + 1
+        if after >= len(self.train_loader) or interval == 0:
+            return False
+        if interval is None:
+            return time.monotonic() - self.last_save_time >= RECOVERY_SECONDS
+        return after % interval == 0
+
+    def _agree(self, loss: torch.Tensor, parts: Dict[str, torch.Tensor]) -> None:
+        """Check the loss is finite and settle whether to checkpoint or stop after this step, on every rank alike.
+
+        One all-reduce carries all three flags: the recovery clock is rank 0's; a signal on any rank stops all.
+        """
+        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0,
+                              float(self.primary and self._recovery_due()),
+                              float(self.stop_signal is not None)])
         if self.world_size > 1:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
+            dist.all_reduce(flags)
+        self.save_after_step, self.stop_after_step = bool(flags[1] > 0), bool(flags[2] > 0)
+        if flags[0] > 0:
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             kept = self.last_checkpoint or "none (no checkpoint written yet)"
             raise NonFiniteLossError(
@@ -243,7 +349,7 @@ class Trainer:
         with self.autocast():
             result = self.task(images, labels)
         parts = {k: v for k, v in result.items() if k not in ("loss", "output")}
-        self._check_finite(result["loss"], parts)
+        self._agree(result["loss"], parts)
         self.scaler.scale(result["loss"]).backward()
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
@@ -273,14 +379,20 @@ class Trainer:
             self.batch += 1
             bar.update(1)
             bar.set_postfix(loss=f"{float(result['loss']):.4f}")
-            if self.cfg.recovery_interval and self.batch % self.cfg.recovery_interval == 0 and self.batch < len(loader):
+            if self.save_after_step or self.stop_after_step:
                 self.save()
+            if self.stop_after_step:
+                bar.close()
+                raise TrainingInterrupted(self.stop_signal or "a signal on another rank",
+                                          f"at epoch {self.epoch}, batch {self.batch} (step {self.step})",
+                                          self.last_checkpoint)
         bar.close()
 
     @torch.no_grad()
-    def evaluate(self, loader: TensorLoader, ema: bool = False) -> Dict[str, float]:
-        """Accuracy and mean CE of the (unwrapped) model on ``loader``, summed over ranks."""
-        model = unwrap_model(self.task.get_trainable_module(ema=ema))
+    def evaluate(self, loader: TensorLoader, ema: bool = False, model: Optional[nn.Module] = None) -> Dict[str, float]:
+        """Accuracy and mean CE on ``loader`` of ``model`` (default: the unwrapped model, or its EMA), summed over
+        ranks."""
+        model = unwrap_model(self.task.get_trainable_module(ema=ema)) if model is None else model
         was_training = model.training
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64)
@@ -295,20 +407,39 @@ class Trainer:
             dist.all_reduce(totals)
         return {"acc": totals[0].item() / totals[2].item(), "loss": totals[1].item() / totals[2].item()}
 
+    def bn_description(self) -> str:
+        """Which BatchNorm statistics evaluations use (printed beside every validation/test figure)."""
+        batches = self.cfg.precise_bn_batches
+        return f"BN statistics re-estimated on {batches} training batches" if batches else "running BN statistics"
+
+    def _calibrated_model(self) -> nn.Module:
+        """The model with the BN statistics the final evaluation uses: with ``precise_bn_batches``, a copy whose
+        statistics are re-estimated (cached for the current step), else the model itself."""
+        model = unwrap_model(self.model)
+        if not self.cfg.precise_bn_batches:
+            return model
+        if self._calibrated is None or self._calibrated[0] != self.step:
+            calibrated = copy.deepcopy(model)
+            self.recalibrate_batchnorm(self.cfg.precise_bn_batches, calibrated)
+            self._calibrated = (self.step, calibrated)
+        return self._calibrated[1]
+
     def _end_epoch(self) -> None:
         cfg = self.cfg
         row = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.meter.means(),
                **self._lcnn_means()}
         row["images_per_s"] = self.train_loader.num_samples * self.world_size / max(self.epoch_seconds, 1e-9)
         row["epoch_seconds"] = self.epoch_seconds
+        row["precision"] = self.precision or "float32"
         last = self.epoch + 1 == cfg.epochs
         if self.world_size > 1:  # ranks saw different batches: average their BN statistics (timm's dist_bn reduce)
             for ema in (False, True):
                 if self.task.get_trainable_module(ema=ema) is not None:
                     distribute_bn(self.task.get_trainable_module(ema=ema), self.world_size, reduce=True)
         if (self.epoch + 1) % cfg.val_interval == 0 or last:
-            val = self.evaluate(self.val_loader)
-            row.update(val_acc=val["acc"], val_loss=val["loss"])
+            val = self.evaluate(self.val_loader, model=self._calibrated_model())
+            row.update(val_acc=val["acc"], val_loss=val["loss"], val_images=len(self.val_loader.images),
+                       val_bn=self.bn_description())
         self.rows.append(row)
         self.epoch, self.batch = self.epoch + 1, 0
         self.meter, self.epoch_seconds = MeanMeter(), 0.0
@@ -317,23 +448,24 @@ class Trainer:
             write_metrics(self.out_dir / "metrics.jsonl", self.rows)
             if cfg.plot:
                 plot_metrics(self.rows, self.out_dir)
-            summary = {k: round(v, 4) for k, v in row.items() if k in ("loss", "train_acc", "val_acc", "images_per_s")}
-            tqdm.write(f"epoch {row['epoch']}: {summary}")
+            tqdm.write(_epoch_line(row, cfg.epochs))
         self.save()
 
     @torch.no_grad()
-    def recalibrate_batchnorm(self, batches: int) -> None:
-        """"Precise BN": replace running statistics by their plain average over ``batches`` training batches.
+    def recalibrate_batchnorm(self, batches: int, model: Optional[nn.Module] = None) -> None:
+        """"Precise BN": replace the running statistics of ``model`` (default: the trained model) by their plain
+        average over ``batches`` training batches.
 
         Short runs end with running statistics that lag the fast-moving early
         weights (eval accuracy far below train-mode accuracy); long runs do not need it.
         """
-        model = unwrap_model(self.model)
+        model = unwrap_model(self.model) if model is None else model
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in norms]
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average
+        was_training = model.training
         model.train()
         self.train_loader.set_epoch(self.cfg.epochs)
         with frozen_state(model, batchnorm_stats=False):
@@ -342,21 +474,75 @@ class Trainer:
                     break
                 with self.autocast():
                     model(images)
+        model.train(was_training)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         if self.world_size > 1:
             distribute_bn(model, self.world_size, reduce=True)
 
+    @contextlib.contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set ``stop_signal`` (acted on after the current step) instead of killing the run; a second
+        one acts at once. Only the main thread can install handlers: elsewhere this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+
+        def request_stop(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+            signal.signal(signum, previous[signum])
+            if self.primary:
+                print(f"\n{self.stop_signal}: finishing step {self.step + 1} and saving a checkpoint "
+                      "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+
+        for sig in signals:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig in signals:
+                signal.signal(sig, previous[sig])
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([float(self.stop_signal is not None)])
+        if self.world_size > 1:
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
     def fit(self) -> Dict[str, float]:
-        """Train to ``epochs``, evaluate clean test accuracy, write final weights and ``final_eval.json``."""
-        while self.epoch < self.cfg.epochs:
-            self.train_epoch()
-            self._end_epoch()
+        """Train to ``epochs``, evaluate clean test accuracy, write final weights and ``final_eval.json``.
+
+        Raises :class:`TrainingInterrupted` after checkpointing on SIGINT/SIGTERM (or, on a second Ctrl-C,
+        at once with the last checkpoint written).
+        """
+        if self.primary:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._signals_deferred():
+                while self.epoch < self.cfg.epochs:
+                    self.train_epoch()
+                    self._end_epoch()
+                    if self._stop_agreed():  # a signal during the epoch-end evaluation: the epoch is saved
+                        raise TrainingInterrupted(self.stop_signal or "a signal on another rank",
+                                                  f"after epoch {self.epoch - 1}", self.last_checkpoint)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted("SIGINT", f"at epoch {self.epoch}, batch {self.batch} (second Ctrl-C)",
+                                      self.last_checkpoint) from None
+        try:
+            return self._finish()
+        except KeyboardInterrupt:  # the training is checkpointed: resuming redoes only the final evaluation
+            raise TrainingInterrupted("SIGINT", "during the final evaluation", self.last_checkpoint) from None
+
+    def _finish(self) -> Dict[str, float]:
         if self.cfg.precise_bn_batches:
-            self.recalibrate_batchnorm(self.cfg.precise_bn_batches)
-        result = {"model": self.cfg.model, "dataset": self.cfg.dataset, "split": self.cfg.val_split,
-                  "epochs": self.cfg.epochs}
+            unwrap_model(self.model).load_state_dict(self._calibrated_model().state_dict())
+            self._calibrated = None
         full_val = self._eval_loader(*self.full_val)
+        result = {"model": self.cfg.model, "dataset": self.cfg.dataset, "split": self.cfg.val_split,
+                  "epochs": self.cfg.epochs, "test_images": len(full_val.images), "bn": self.bn_description(),
+                  "precision": self.precision or "float32"}
         result.update({f"test_{k}": v for k, v in self.evaluate(full_val).items()})
         if self.task.has_ema():
             result.update({f"test_ema_{k}": v for k, v in self.evaluate(full_val, ema=True).items()})
@@ -367,7 +553,19 @@ class Trainer:
                              unwrap_model(self.task.get_trainable_module(ema=True)).state_dict())
             atomic_write_text(self.out_dir / "final_eval.json", json.dumps(result, indent=2))
             atomic_write_text(self.out_dir / "config.json", json.dumps(vars(self.cfg), indent=2))
+            if self.cfg.plot:
+                plot_metrics(self.rows, self.out_dir, final=result)
         return result
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """The per-epoch progress line: what each accuracy measures is said beside it."""
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}: loss {row['loss']:.4f}",
+             f"train_acc {row['train_acc']:.3f} (augmented batches, BN in training mode)"]
+    if "val_acc" in row:
+        parts.append(f"val_acc {row['val_acc']:.3f} (first {row['val_images']} test images, {row['val_bn']})")
+    parts.append(f"{row['images_per_s']:.0f} images/s, {row['epoch_seconds']:.0f} s")
+    return ", ".join(parts)
 
 
 def train(cfg: TrainConfig) -> Dict[str, float]:

@@ -1,0 +1,51 @@
+"""Command-line conventions: instant top-level help and version, help texts without RST markup, and a push
+dry run that needs no Hub repository id."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+
+from lcnn_timm.hub.cli import main as push_main
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_top_level_help_and_version_do_not_import_torch():
+    code = ("import sys; from lcnn_timm_cli import main; assert main(['--help']) == 0; "
+            "assert main(['--version']) == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "lcnn-timm COMMAND" in proc.stdout and "lcnn-timm 0." in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "push", "reproduce"])
+def test_help_texts_have_no_rst_markup(command, capsys):
+    from lcnn_timm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text and ":class:" not in text, text
+    if command == "train":
+        assert "--resume" in text and "beta_weight=0.0" in text and "recovery_interval=" in text
+
+
+def test_push_dry_run_needs_no_repo_id(tmp_path, capsys):
+    checkpoint = tmp_path / "model.safetensors"
+    model = timm.create_model("lcnn_resnet18_025", num_classes=10, in_chans=1, img_size=28)
+    safetensors.torch.save_file(model.state_dict(), str(checkpoint))
+    out = tmp_path / "tiny_card"
+    shape = ["--num-classes", "10", "--in-chans", "1", "--img-size", "28"]
+    assert push_main([str(checkpoint), "--model", "lcnn_resnet18_025", *shape, "--dry-run", "--out", str(out)]) == 0
+    assert "placeholder your-org/tiny_card" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["lcnn_timm"]["repo_id"] == "your-org/tiny_card"
+    with pytest.raises(SystemExit):  # a real push still needs it
+        push_main([str(checkpoint), "--model", "lcnn_resnet18_025", *shape])
+    assert "--repo-id ORG/REPO is required" in capsys.readouterr().err

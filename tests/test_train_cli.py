@@ -1,0 +1,178 @@
+"""``lcnn-timm train`` as a user meets it: Ctrl-C and resume, damaged checkpoints, clear set-up errors, the precision
+choice, what the per-epoch validation measures, and convert-and-train."""
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_trainer import _args, _run, assert_same_final_weights, idx_dir, reference_run  # noqa: F401
+
+import train_tiny_models  # noqa: F401  (registers the tiny models in this process too)
+
+from lcnn_timm.train.cli import main as train_main
+from lcnn_timm.train.precision import has_native_bf16, resolve_precision
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text("plot: false\n")
+    return str(path)
+
+
+def _cli(config, *args):
+    return ["--cli", "--config", config, *args]
+
+
+def _finish(proc, timeout=120):
+    output, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, output
+
+
+def _in_process(capsys, args):
+    """Run ``lcnn-timm train`` in this process (no interpreter start-up): (exit status, stdout + stderr)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the runner: bit-identical comparisons need the same reduction order
+    try:
+        code = train_main(args[1:])  # drop the runner's --cli
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _pointer(out):
+    return json.loads((out / "last.json").read_text())
+
+
+def test_sigint_checkpoints_the_current_step_and_resume_is_bit_identical(idx_dir, config, tmp_path,
+                                                                         reference_run):  # noqa: F811
+    out = tmp_path / "run"
+    # no mid-epoch recovery checkpoints: the only mid-epoch one must come from the signal
+    args = _cli(config, *_args(idx_dir, out, "--recovery-interval", "0"))
+    victim = _run(args, env={"LCNN_TEST_STEP_DELAY": "0.3"})
+    deadline = time.time() + 240  # generous: start-up alone can take a minute on a loaded CPU
+    while time.time() < deadline and not ((out / "last.json").is_file() and _pointer(out)["step"] == 6):
+        time.sleep(0.02)  # the end-of-epoch-0 checkpoint (6 steps an epoch)
+    time.sleep(0.5)  # inside epoch 1
+    victim.send_signal(signal.SIGINT)
+    code, output = _finish(victim, timeout=60)
+    assert code == 128 + signal.SIGINT, output
+    assert "Traceback" not in output, output
+    step = _pointer(out)["step"]
+    assert 6 < step < 12, output  # the step that was running, mid-epoch
+    assert f"--resume" in output.split("resume with:")[1], output
+    assert not (out / "model.safetensors").exists()
+    code, output = _finish(_run(args + ["--resume"]))
+    assert code == 0 and f"ckpt-{step:09d}" in output and f"batch {step - 6}" in output, output
+    assert_same_final_weights(reference_run, out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(idx_dir, config, tmp_path, capsys,
+                                                                 reference_run):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    newest = out / f"{_pointer(out)['checkpoint']}.state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a copy cut short
+    previous = [p.name for p in out.glob("ckpt-*.safetensors") if p.stem != _pointer(out)["checkpoint"]]
+    assert len(previous) == 1  # the newest checkpoint and one fallback are kept
+    for name in ("model.safetensors", "final_eval.json"):
+        (out / name).unlink()
+    code, output = _in_process(capsys, _cli(config, *_args(idx_dir, out, "--resume")))
+    assert code == 0 and "unreadable" in output and f"resumed from {out / previous[0]}" in output, output
+    assert_same_final_weights(reference_run, out)
+
+
+def test_resume_errors_are_one_line_and_write_nothing(idx_dir, config, tmp_path, capsys, reference_run):  # noqa: F811
+    fresh = tmp_path / "fresh"
+    code, output = _in_process(capsys, _cli(config, *_args(idx_dir, fresh, "--resume")))
+    assert code == 2 and "nothing to resume" in output and "Traceback" not in output, output
+    assert not fresh.exists()
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(reference_run, damaged)
+    for path in damaged.glob("ckpt-*.safetensors"):
+        path.write_bytes(path.read_bytes()[:50])
+    code, output = _in_process(capsys, _cli(config, *_args(idx_dir, damaged, "--resume")))
+    assert code == 2 and "no readable checkpoint" in output and "Traceback" not in output, output
+
+    other = tmp_path / "other"
+    code, output = _in_process(capsys, _cli(config, *_args(idx_dir, other, "--model", "test_tiny_standard",
+                                                            "--resume", str(reference_run))))
+    message = [line for line in output.splitlines() if line.startswith("lcnn-timm train:")]
+    assert code == 2 and len(message) == 1 and "does not fit model 'test_tiny_standard'" in message[0], output
+    assert "missing" in message[0] and "unexpected" in message[0] and "more)" in message[0], output
+    assert len(message[0]) < 600 and not other.exists()
+
+
+def test_set_up_errors_are_one_line_with_status_2(idx_dir, config, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    code, output = _in_process(capsys, _cli(config, *_args(tmp_path / "no_such_dir", out)))
+    assert code == 2 and "no_such_dir does not exist" in output and "Traceback" not in output, output
+    assert not out.exists()
+    code, output = _in_process(capsys, ["--cli", *_args(idx_dir, out)])
+    assert code == 2 and "no --config given" in output and not out.exists(), output
+
+
+def test_per_epoch_validation_uses_the_final_batchnorm_statistics(idx_dir, config, tmp_path, capsys,
+                                                                   reference_run):  # noqa: F811
+    code, output = _in_process(capsys, _cli(config, *_args(idx_dir, tmp_path, "--precise-bn-batches", "2")))
+    assert code == 0, output
+    # the re-estimation works on a copy: training (last checkpoint) is bit-identical to a run without it ...
+    last = load_file(str(tmp_path / f"{_pointer(tmp_path)['checkpoint']}.safetensors"))
+    reference = load_file(str(reference_run / f"{_pointer(reference_run)['checkpoint']}.safetensors"))
+    assert all(torch.equal(last[k], reference[k]) for k in reference)
+    # ... while the final weights carry the re-estimated statistics
+    final_weights = load_file(str(tmp_path / "model.safetensors"))
+    stats = [k for k in last if k.endswith("running_mean")]
+    assert stats and not any(torch.equal(last[k], final_weights[k]) for k in stats)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((tmp_path / "final_eval.json").read_text())
+    # validation and the final test both use all 32 test images: the last epoch's figures are the final ones
+    assert rows[-1]["val_images"] == final["test_images"] == 32
+    assert rows[-1]["val_loss"] == final["test_loss"] and rows[-1]["val_acc"] == final["test_acc"]
+    assert rows[-1]["val_bn"] == final["bn"] == "BN statistics re-estimated on 2 training batches"
+    expected = resolve_precision(None, "bfloat16", torch.device("cpu"))[0] or "float32"
+    assert final["precision"] == expected and all(row["precision"] == expected for row in rows)
+    assert f"val_acc {rows[0]['val_acc']:.3f} (first 32 test images, BN statistics re-estimated" in output
+    assert f"outputs in {tmp_path}/" in output and "precision: amp: auto" in output
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu avx2 fma", False),
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 amx_tile amx_bf16", True),
+])
+def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert has_native_bf16(torch.device("cpu"), cpuinfo) is native
+
+
+def test_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("lcnn_timm.train.precision.has_native_bf16", lambda device: False)
+    assert resolve_precision(None, "bfloat16", cpu)[0] is None
+    assert resolve_precision(True, "bfloat16", cpu)[0] == "bfloat16"  # an explicit amp: true still wins
+    assert resolve_precision(True, "float16", cpu)[0] == "float16"
+    monkeypatch.setattr("lcnn_timm.train.precision.has_native_bf16", lambda device: True)
+    assert resolve_precision(None, "bfloat16", cpu)[0] == "bfloat16"
+    assert resolve_precision(False, "bfloat16", cpu)[0] is None
+    assert not has_native_bf16(cpu, Path("/nonexistent/cpuinfo"))
+
+
+def test_convert_and_train_a_stock_model(idx_dir, config, tmp_path, capsys):  # noqa: F811
+    args = _cli(config, *_args(idx_dir, tmp_path, "--model", "test_tiny_relu", "--convert", "--epochs", "1",
+                               "--beta-weight", "1e-3", "--gamma-weight", "1e-3"))
+    code, output = _in_process(capsys, args)
+    assert code == 0 and "converted test_tiny_relu to an LCNN" in output and "fully converted" in output, output
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert any(k.endswith("log_beta") for k in weights) and any(k.endswith("log_gamma") for k in weights)
+    code, output = _in_process(capsys, args + ["--epochs", "2", "--resume"])  # resuming converts again, then loads
+    assert code == 0 and "resumed from" in output, output
