@@ -145,7 +145,7 @@ def test_wrong_shape_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--metrics", "accuracy,hessian"], "valid metrics: accuracy, curvature, pgd, autoattack, gradient_stability"),
+    (["--metrics", "accuracy,hessian"], "valid metrics: accuracy, curvature, pgd, certified, autoattack, gradient_stability"),
     (["--dataset", "imagenet-ish"], "valid: cifar10, cifar100, fashion_mnist, synthetic"),
     (["--model-kwargs", "num_classes"], "key=value"),
 ])
