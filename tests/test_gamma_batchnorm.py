@@ -88,34 +88,36 @@ def test_clip_gradients_match_finite_differences(gamma, training):
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_folded_clip_equals_batchnorm_times_clip(affine, momentum, training):
-    # the clip is folded into batch_norm's affine parameters; check it against the unfused definition
-    # bn(x) * min(1, gamma / L) with L from the running variance before this batch's update
+def test_clip_equals_batchnorm_times_clip(affine, momentum, training):
+    # the definition bn(x) * min(1, gamma / L), L from the running variance *after* this batch's update (reading
+    # it before breaks precise BN: from reset statistics every layer would run unclipped)
     layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=affine).train(training)
     layer.momentum = momentum
     plain = torch.nn.BatchNorm2d(3, affine=affine, momentum=momentum).double().train(training)
     plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     for _ in range(2):  # the second step checks the cumulative-average count too
+        normalized = plain(x)
         lipschitz = ((plain.running_var + plain.eps).rsqrt() * (plain.weight.abs() if affine else 1)).max()
         clip = torch.clamp(layer.gamma.double() / lipschitz, max=1)
-        expected = plain(x) * clip
+        expected = normalized * clip
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(layer, name), getattr(plain, name), rtol=1e-12, atol=0)
     assert clip.item() < 1  # the clip is active, so a dropped or misplaced factor shows
 
 
-def test_folded_clip_gradients_match_unfused():
+def test_clip_gradients_match_the_definition():
     layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=True).train()
     plain = torch.nn.BatchNorm2d(3).double().train()
     plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     log_gamma = layer.log_gamma.detach().clone().requires_grad_()
+    normalized = plain(x)
     lipschitz = ((plain.running_var + plain.eps).rsqrt() * plain.weight.abs()).max()
     gamma = log_gamma.exp()
-    unfused = plain(x) * (gamma / torch.maximum(gamma, lipschitz))
+    unfused = normalized * (gamma / torch.maximum(gamma, lipschitz))
     expected = torch.autograd.grad(unfused, (x, plain.weight, plain.bias, log_gamma), grad)
     actual = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias, layer.log_gamma), grad)
     for a, e in zip(actual, expected):
