@@ -11,7 +11,7 @@
   gradient is recorded (``compiled_activations``).
 
 The result is for inference: training it would train plain BatchNorms without the
-clip or the spectral norms, and the curvature bound no longer applies to it.
+clip or the spectral norms, and the certified bounds (`lcnn_timm.certify`) no longer apply to it.
 """
 import copy
 import warnings

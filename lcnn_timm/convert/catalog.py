@@ -89,8 +89,8 @@ _OUTSIDE_THEORY: Dict[type, Tuple[str, str]] = {
     nn.LayerNorm: ("norm", "LayerNorm is outside the LCNN theory (per-sample normalisation has no fixed Lipschitz bound)"),
     nn.GroupNorm: ("norm", "GroupNorm is outside the LCNN theory (per-sample normalisation has no fixed Lipschitz bound)"),
     nn.MultiheadAttention: ("attention", "attention is outside the LCNN theory"),
-    nn.MaxPool2d: ("pool", "max pooling is not smooth; left alone (curvature bound undefined)"),
-    nn.AdaptiveMaxPool2d: ("pool", "max pooling is not smooth; left alone (curvature bound undefined)"),
+    nn.MaxPool2d: ("pool", "max pooling is not smooth; left alone (outside the certified bounds' theory)"),
+    nn.AdaptiveMaxPool2d: ("pool", "max pooling is not smooth; left alone (outside the certified bounds' theory)"),
     CondConv2d: ("conv", "CondConv2d mixes expert kernels per sample; no fixed operator to normalise"),
 }
 
