@@ -9,22 +9,14 @@ normalised layer's norm ends up.
     python benchmarks/bench_spectral_norm.py [--model lcnn_resnet18] [--img-size 32] [--threads 2]
 """
 import argparse
-import platform
 import time
 
 import timm
 import torch
 
 import lcnn_timm  # noqa: F401
+from bench_step import cpu_name  # the benchmark next to this script
 from lcnn_timm.layers.spectral_norm import _norm_and_input, is_spectral_normalized, lanczos_top_singular_value
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def power_iteration(norm, weight, start, steps):

@@ -140,11 +140,20 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), since ``platform.processor()`` is empty or just the ISA on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def run_conditions(device: torch.device) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), " \
+        where = f"{cpu_name()}, {torch.get_num_threads()} thread(s), " \
                 f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     return f"torch {torch.__version__}, timm {timm.__version__}, {where}"
 
