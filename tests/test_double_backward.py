@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcnn_timm.curvature import frozen_parameters, lean_double_backward
 from lcnn_timm.layers import CenteredSoftplus
+from lcnn_timm.layers.centered_softplus import softplus_gate_grad
 from tiny_layers import eval_batchnorm
 
 
@@ -31,8 +32,10 @@ def input_batch(n=3, size=(3, 12, 14), seed=1):
 
 
 def gradient_and_hvps(model, x, y, vectors, lean: bool):
+    """Lean: frozen parameters and the lean graph; plain: torch's own autograd everywhere (trainable betas too)."""
     x = x.clone().requires_grad_(True)
-    with frozen_parameters(model), (lean_double_backward() if lean else contextlib.nullcontext()):
+    frozen = frozen_parameters(model) if lean else contextlib.nullcontext()
+    with frozen, (lean_double_backward() if lean else contextlib.nullcontext()):
         (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
     hvps = [torch.autograd.grad((g * v).sum(), x, retain_graph=True)[0] for v in vectors]
     return g.detach(), hvps
@@ -100,3 +103,60 @@ def test_autocast_falls_back_to_the_plain_graph():
         out = conv(x)
     (grad,) = torch.autograd.grad(out.float().sum(), x)
     assert out.dtype == torch.bfloat16 and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("beta, threshold", [(2.5, float("inf")), (3.0, 20.0), (0.5, 1.0)])
+def test_softplus_gate_grad_has_the_softplus_second_derivatives(beta, threshold):
+    """Its value is softplus' input gradient and its derivatives are softplus' second derivatives (float64)."""
+    g = torch.Generator().manual_seed(0)
+    # both sides of the threshold (where torch's softplus is linear), away from the kink itself
+    x = torch.cat([torch.randn(40, generator=g, dtype=torch.float64) * 3, torch.tensor([0.0, 7.5, 12.0])])
+    x = x[((x * beta) - threshold).abs() > 1e-3].requires_grad_()
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def reference(grad_out, x):
+        (gx,) = torch.autograd.grad(F.softplus(x, beta, threshold), x, grad_out, create_graph=True)
+        return gx
+
+    torch.testing.assert_close(softplus_gate_grad(grad_out, x, beta, threshold), reference(grad_out, x))
+    assert torch.autograd.gradcheck(lambda go, xx: softplus_gate_grad(go, xx, beta, threshold), (grad_out, x))
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    lean = torch.autograd.grad(softplus_gate_grad(grad_out, x, beta, threshold), (grad_out, x), v)
+    exact = torch.autograd.grad(reference(grad_out, x), (grad_out, x), v)
+    for a, b in zip(lean, exact):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_third_derivative_through_the_gate_raises():
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    gx = softplus_gate_grad(torch.ones_like(x, requires_grad=True), x, 2.0)
+    (h,) = torch.autograd.grad(gx.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(h.sum(), x)
+
+
+class ElementwiseCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("act", [nn.Softplus(2.0), CenteredSoftplus(2.0)], ids=["softplus", "centered"])
+def test_hvp_through_softplus_is_two_multiplies(act):
+    model = nn.Sequential(nn.Linear(6, 6), act).double().eval()
+    x = torch.rand(3, 6, dtype=torch.float64, requires_grad=True)
+    counts = {}
+    for lean in (False, True):
+        with (frozen_parameters(model) if lean else contextlib.nullcontext()), \
+                (lean_double_backward() if lean else contextlib.nullcontext()):
+            (g,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        with ElementwiseCounter() as counter:
+            torch.autograd.grad(g, x, torch.ones_like(g))
+        counts[lean] = counter.ops
+    # sigmoid_backward: autograd differentiating the recorded sigmoid of the softplus backward
+    assert "sigmoid_backward.default" in counts[False] and "sigmoid_backward.default" not in counts[True]
+    assert len(counts[True]) < len(counts[False])

@@ -199,3 +199,40 @@ def test_torchscript_compiles_a_baked_copy_with_equal_outputs():
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(scripted(x), model(x))
     assert is_spectral_normalized(model.fc), "scripting must not change the eager model"
+
+
+def test_state_dict_stores_the_raw_weight_under_weight_and_loads_both_formats():
+    model = trained_small_model()
+    state = model.state_dict()
+    # timm (test_model_default_cfgs, classifier-dropping loaders) looks for <layer>.weight
+    assert "0.weight" in state and "4.weight" in state and "4.bias" in state
+    assert not any("parametrizations.weight.original" in k for k in state)
+    # the stored tensor is the raw parameter V; the layer computes V / sigma(V)
+    assert torch.equal(state["4.weight"], model[4].parametrizations.weight.original)
+    assert not torch.allclose(state["4.weight"], model[4].weight)
+    x = torch.randn(3, 3, 8, 8)
+    for stored in (state, {k.replace("4.weight", "4.parametrizations.weight.original"): v for k, v in state.items()}):
+        fresh = small_model().eval()
+        assert not torch.equal(fresh(x), model(x))
+        fresh.load_state_dict(stored)  # strict: no missing or unexpected key
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_baked_layers_store_and_load_plain_keys():
+    frozen = remove_spectral_norms(trained_small_model())
+    state = frozen.state_dict()
+    assert set(state) == {"0.weight", "1.running_mean", "1.running_var", "1.num_batches_tracked", "1.log_gamma",
+                          "2.log_beta", "4.weight", "4.bias"}
+    plain = remove_spectral_norms(small_model())
+    plain.load_state_dict(state)
+    assert torch.equal(plain[4].weight, frozen[4].weight)
+
+
+def test_torchscript_of_a_graph_holding_normalised_layers():
+    """A scripted fx graph (timm's fx TorchScript test) compiles baked copies of the normalised layers."""
+    model = trained_small_model()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 3, 8, 8)
+    scripted = torch.jit.script(graph)
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-6, atol=1e-6)
+    assert is_spectral_normalized(model[0]) and is_spectral_normalized(model[4])

@@ -11,7 +11,6 @@ from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import lcnn_timm  # noqa: F401  (registers the models)
-from lcnn_timm.layers import is_spectral_normalized, spectral_norm
 
 MODULES = ["cifar_resnet", "cifar_vgg"]
 MODELS = timm.list_models(module=MODULES)
@@ -33,12 +32,6 @@ def _create(name, **kwargs):
 
 def _input(model, batch=1, size=SIZE):
     return torch.randn(batch, model.in_chans if hasattr(model, "in_chans") else 1, size, size)
-
-
-def _skip_unscriptable_graph(model):
-    if any(is_spectral_normalized(m) for m in model.modules()):
-        pytest.skip("an fx GraphModule holds the parametrized convs themselves, which torch.nn.utils.parametrize "
-                    "refuses to script; the model scripts through its __prepare_scriptable__ (baked copy)")
 
 
 def _fx_model(model):
@@ -104,11 +97,10 @@ def test_default_cfg(tag):
     bare = timm.create_model(tag, **_narrow(name), num_classes=0, global_pool="").eval()
     assert bare(x).shape == features.shape
 
-    # timm checks that `classifier` and `first_conv` name weights in the state dict; a spectrally normalised
-    # module stores its weight as <name>.parametrizations.weight.original (docs/models.md)
+    # timm checks that `classifier` and `first_conv` name weights in the state dict (spectrally normalised
+    # layers too: they store their raw weight as <name>.weight)
     for module_name, ndim in ((cfg["classifier"], 2), (cfg["first_conv"], 4)):
-        keys = {f"{module_name}.weight", f"{module_name}.parametrizations.weight.original"} & set(state_dict)
-        assert len(keys) == 1 and state_dict[keys.pop()].ndim == ndim
+        assert state_dict[f"{module_name}.weight"].ndim == ndim
     assert bare.get_submodule(cfg["first_conv"]).in_channels == cfg["input_size"][0]
 
 
@@ -131,8 +123,6 @@ def test_torchscript(name, fx):
     """timm's test_model_forward_torchscript and test_model_forward_fx_torchscript."""
     with timm.set_scriptable(True):
         model = _create(name).eval()
-    if fx:
-        _skip_unscriptable_graph(model)
     x = _input(model)
     scripted = torch.jit.script(_fx_model(model) if fx else model)
     with torch.inference_mode():

@@ -9,9 +9,22 @@ real input size, with the layer's stride, padding (including timm's dynamic
 
 The normalisation is a ``torch.nn.utils.parametrize`` parametrization of
 ``weight``, so it works on any module that feeds ``self.weight`` to
-``F.conv2d``/``F.linear`` and survives ``state_dict``, ``copy.deepcopy``,
-``torch.fx`` tracing (parametrized torch convs stay fx leaves) and, in eval
-mode, ``torch.jit.script``. At registration (and in
+``F.conv2d``/``F.linear`` and survives ``copy.deepcopy`` and ``torch.fx`` tracing
+(parametrized torch convs stay fx leaves). Two conventions keep such a layer a
+timm layer:
+
+- ``state_dict`` stores the raw parameter ``V`` under ``<layer>.weight`` (where
+  timm and its checkpoint tools look for it) instead of torch's
+  ``<layer>.parametrizations.weight.original``; both names load. The layer
+  computes ``V / sigma(V)``, so a plain (un-normalised) layer must not load it:
+  use :func:`remove_spectral_norms` / ``lcnn_timm.freeze`` for plain weights.
+- ``torch.jit.script`` (parametrizations are not scriptable) compiles a copy of
+  the layer with ``V / sigma`` baked, through ``__prepare_scriptable__``. Note
+  that torch puts the prepared copy into the *parent* module in place, so a
+  scripted ``torch.fx.GraphModule``'s layers are baked afterwards; the
+  ``lcnn_*`` models script a deep copy of themselves and are left unchanged.
+
+At registration (and in
 :func:`refresh_spectral_norms`) the singular vectors are converged by Lanczos
 iteration on ``A^T A``, which reaches 1e-6 relative accuracy in tens of steps
 where power iteration can stall at a few percent (close singular values). In
@@ -417,7 +430,31 @@ def spectral_norm(
         module, "weight", OperatorSpectralNorm(module.weight, operator, n_power_iterations, init_iterations)
     )
     module.register_forward_pre_hook(_check_input)
+    module.register_state_dict_post_hook(_store_weight_as_weight)
+    module.register_load_state_dict_pre_hook(_load_weight_into_original)
+    # parametrize gives every parametrized module a class of its own, so this names only this layer
+    type(module).__prepare_scriptable__ = _baked_copy
     return module
+
+
+_ORIGINAL = "parametrizations.weight.original"
+
+
+def _store_weight_as_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: the raw weight under ``<prefix>weight``, the key timm expects."""
+    if is_spectral_normalized(module) and prefix + _ORIGINAL in state_dict:
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + _ORIGINAL)
+
+
+def _load_weight_into_original(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: ``<prefix>weight`` (this format) goes to the parametrization's ``original``."""
+    if is_spectral_normalized(module) and prefix + "weight" in state_dict:
+        state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
+
+
+def _baked_copy(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of a normalised layer: a copy with ``V / sigma`` baked."""
+    return remove_spectral_norms(copy.deepcopy(module))
 
 
 def remove_spectral_norms(model: nn.Module) -> nn.Module:
@@ -432,10 +469,17 @@ def remove_spectral_norms(model: nn.Module) -> nn.Module:
             cls = type(module)
             module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if hook is _check_input:
-                    del module._forward_pre_hooks[key]
+            _remove_hooks(module._forward_pre_hooks, _check_input)
+            _remove_hooks(module._state_dict_hooks, _store_weight_as_weight)
+            _remove_hooks(module._load_state_dict_pre_hooks, _load_weight_into_original)
     return model
+
+
+def _remove_hooks(hooks: dict, function: Callable) -> None:
+    # load pre-hooks are stored wrapped (torch's _WrappedHook keeps the function as .hook)
+    for key, hook in list(hooks.items()):
+        if hook is function or getattr(hook, "hook", None) is function:
+            del hooks[key]
 
 
 def scriptable_copy(model: nn.Module) -> nn.Module:

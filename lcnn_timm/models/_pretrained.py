@@ -120,22 +120,6 @@ def fashion_mnist_cfg(feature_size: FeatureSize, **kwargs: Any) -> Dict[str, Any
     )
 
 
-def filter_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Drop the whole classifier when timm adapts the head (``num_classes`` differs from the cfg's).
-
-    timm drops only ``fc.weight``/``fc.bias``; a spectrally normalised head is
-    stored as ``fc.parametrizations.weight.original`` plus its singular vectors,
-    which must go with the bias. Shapes that differ also drop the head.
-    """
-    prefix = model.get_classifier(name_only=True) + "."
-    own = model.state_dict()
-    head_keys = [k for k in state_dict if k.startswith(prefix)]
-    new_classes = model.num_classes != getattr(model, "pretrained_cfg", {}).get("num_classes", model.num_classes)
-    if new_classes or any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
-        return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-    return state_dict
-
-
 def lcnn_cfgs(architecture: str, feature_size: FeatureSize, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
     """Tags of an LCNN architecture: curvature penalty alone and with GradReg, CIFAR-100 and Fashion-MNIST."""
     return {
@@ -228,9 +212,9 @@ def explain_pretrained_failure(variant: str, kwargs: Dict[str, Any]) -> None:
 def filter_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm's checkpoint filter: drop the whole classifier when timm adapts the head, then check the rest fits.
 
-    timm drops only ``fc.weight``/``fc.bias``; a spectrally normalised head is
-    stored as ``fc.parametrizations.weight.original`` plus its singular vectors,
-    which must go with the bias. Shapes that differ also drop the head. Anything
+    timm drops only ``fc.weight``/``fc.bias``; a spectrally normalised head also
+    stores its singular vectors (``fc.parametrizations.weight.0._u``/``_v``, shaped
+    by the old head), which must go with them. Shapes that differ also drop the head. Anything
     else that does not fit ``model`` (weights of another architecture, other
     ``in_chans`` or ``img_size``) raises :class:`lcnn_timm.hub.HubError` naming the tensors.
     """
