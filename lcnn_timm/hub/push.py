@@ -19,6 +19,7 @@ from timm.models import load_state_dict, parse_model_name, save_for_hf
 
 from ..curvature import UnsupportedStructureError, curvature_proxy
 from ..curvature.penalty import lcnn_parameters
+from ..layers.spectral_norm import canonical_weight_keys
 from .card import CARD_META_KEY, render_card_for_folder
 
 __all__ = [
@@ -77,7 +78,9 @@ def check_state_dict(
 
     Model tensors whose names start with one of ``ignore_missing`` may be absent (e.g. a classifier being replaced).
     """
-    expected = model.state_dict()
+    # spectrally normalised weights load from either key (docs/layers.md): compare in one naming
+    expected = canonical_weight_keys(model.state_dict())
+    state_dict = canonical_weight_keys(state_dict)
     missing = [k for k in expected if k not in state_dict and not k.startswith(tuple(ignore_missing))]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [

@@ -41,7 +41,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ __all__ = [
     "ConvOperator",
     "LinearOperator",
     "OperatorSpectralNorm",
+    "canonical_weight_keys",
     "spectral_norm",
     "is_spectral_normalized",
     "lanczos_top_singular_value",
@@ -441,15 +442,28 @@ _ORIGINAL = "parametrizations.weight.original"
 
 
 def _store_weight_as_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State-dict post-hook: the raw weight under ``<prefix>weight``, the key timm expects."""
+    """State-dict post-hook: the raw weight under ``<prefix>weight``, the key timm expects, first as in a plain layer."""
     if is_spectral_normalized(module) and prefix + _ORIGINAL in state_dict:
-        state_dict[prefix + "weight"] = state_dict.pop(prefix + _ORIGINAL)
+        # this module's entries are the last ones written: re-append them with the weight first
+        own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+        state_dict[prefix + "weight"] = own.pop(prefix + _ORIGINAL)
+        state_dict.update(own)
 
 
 def _load_weight_into_original(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Load pre-hook: ``<prefix>weight`` (this format) goes to the parametrization's ``original``."""
     if is_spectral_normalized(module) and prefix + "weight" in state_dict:
         state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
+
+
+def canonical_weight_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with torch's ``<layer>.parametrizations.weight.original`` named ``<layer>.weight``.
+
+    The key a normalised layer stores its raw weight under since 2026-11-30; for comparing checkpoints of
+    either format with a model (both load as they are).
+    """
+    suffix = "." + _ORIGINAL
+    return {k[: -len(suffix)] + ".weight" if k.endswith(suffix) else k: v for k, v in state_dict.items()}
 
 
 def _baked_copy(module: nn.Module) -> nn.Module:

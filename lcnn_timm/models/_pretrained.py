@@ -23,6 +23,7 @@ from timm.models._builder import _resolve_pretrained_source
 from torch import nn
 
 from ..hub.push import WEIGHTS_NAME, check_state_dict, read_weights
+from ..layers.spectral_norm import canonical_weight_keys
 
 __all__ = [
     "CIFAR100_LABEL_NAMES",
@@ -219,11 +220,11 @@ def filter_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
     ``in_chans`` or ``img_size``) raises :class:`lcnn_timm.hub.HubError` naming the tensors.
     """
     prefix = model.get_classifier(name_only=True) + "."
-    own = model.state_dict()
-    head_keys = [k for k in state_dict if k.startswith(prefix)]
+    own = canonical_weight_keys(model.state_dict())
+    head = {k: v for k, v in canonical_weight_keys(state_dict).items() if k.startswith(prefix)}
     cfg = getattr(model, "pretrained_cfg", {})
     new_classes = model.num_classes != cfg.get("num_classes", model.num_classes)
-    if new_classes or any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
+    if new_classes or any(k not in own or own[k].shape != v.shape for k, v in head.items()):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
         ignore = (prefix,)  # the model's new head keeps its initialisation
     else:
