@@ -122,3 +122,15 @@ def test_clip_gradients_match_the_definition():
     actual = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias, layer.log_gamma), grad)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_running_statistics_match_batchnorm_in_float32_with_a_large_mean():
+    """The running variance comes from E[x^2] - E[x]^2 (two fast reductions): close to torch's even when the mean is
+    50 standard deviations, channels_last included."""
+    torch.manual_seed(0)
+    layer, plain = GammaBatchNorm2d(8).train(), torch.nn.BatchNorm2d(8, affine=False).train()
+    for _ in range(3):
+        x = (50 + torch.randn(16, 8, 12, 12) * torch.linspace(0.5, 2, 8).view(1, -1, 1, 1))
+        layer(x.contiguous(memory_format=torch.channels_last)), plain(x)
+    torch.testing.assert_close(layer.running_mean, plain.running_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.running_var, plain.running_var, rtol=1e-3, atol=0)

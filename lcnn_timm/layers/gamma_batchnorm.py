@@ -59,7 +59,12 @@ def _update_running_stats(input: torch.Tensor, running_mean: torch.Tensor, runni
     stats_input = input.detach()
     if stats_input.dtype in (torch.bfloat16, torch.float16):  # reduced-precision activations: statistics in fp32
         stats_input = stats_input.float()
-    var, mean = torch.var_mean(stats_input, dim=dims, correction=0)
+    # E[x^2] - E[x]^2 from two plain reductions: torch.var_mean over (N, H, W) is ~5x slower on CPU (54 vs 13 ms
+    # for 128x64x32x32, one thread). Only the running statistics use it (batch_norm normalises by its own); the
+    # cancellation costs ~1e-7 * (1 + mean^2 / var) relative, 1e-3 even where the mean is 100 standard deviations.
+    mean = stats_input.mean(dim=dims)
+    mean_square = torch.linalg.vector_norm(stats_input, 2.0, dim=dims).square() / count
+    var = (mean_square - mean.square()).clamp_min(0.0)
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
