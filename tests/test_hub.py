@@ -508,7 +508,8 @@ def test_wheel_install_loads_the_tag_offline(tmp_path):
         'import sys, pathlib, timm, torch, safetensors.torch; sys.path.insert(0, sys.argv[1]); import lcnn_timm\n'
         'assert pathlib.Path(lcnn_timm.__file__).is_relative_to(sys.argv[1]), lcnn_timm.__file__\n'
         f'model = timm.create_model("{SHIPPED[0]}", pretrained=True)\n'
-        'saved = safetensors.torch.load_file(sys.argv[2])\n'
+        'from lcnn_timm.layers.spectral_norm import canonical_weight_keys\n'
+        'saved = canonical_weight_keys(safetensors.torch.load_file(sys.argv[2]))  # pre-2026-11-30 keys\n'
         'assert sorted(saved) == sorted(model.state_dict())\n'
         'assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n'
     )
