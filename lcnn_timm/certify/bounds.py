@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..layers.centered_softplus import CenteredSoftplus
-from ..layers.gamma_batchnorm import _GammaBatchNorm
-from ..layers.spectral_norm import ConvOperator, OperatorSpectralNorm, is_spectral_normalized
+from ..layers.gamma_batchnorm import _GammaBatchNorm, _lipschitz
+from ..layers.spectral_norm import ConvOperator, _norm_and_input, is_spectral_normalized
 from .operator_norm import DEFAULT_GRAM_ITERATIONS, layer_norm_bound
 from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
 
@@ -77,10 +77,8 @@ def _then(first: MapBound, second: MapBound) -> MapBound:
 
 def gamma_bn_lipschitz(bn: _GammaBatchNorm) -> torch.Tensor:
     """Exact eval-mode Lipschitz constant of a gamma-BN, ``min(gamma, max_c |w_c| / sqrt(var_c + eps))``, float64."""
-    scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().double().abs()
-    return torch.minimum(bn.gamma.detach().double(), scale.max())
+    weight = None if bn.weight is None else bn.weight.detach().double()
+    return torch.minimum(bn.gamma.detach().double(), _lipschitz(bn.running_var.detach().double(), weight, bn.eps))
 
 
 def average_pool_lipschitz(pool: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
@@ -140,8 +138,7 @@ def model_input_shape(model: nn.Module) -> Tuple[int, ...]:
     """Input shape (without batch) the first spectrally normalised layer was built for."""
     for module in model.modules():
         if is_spectral_normalized(module):
-            op = next(p.operator for p in module.parametrizations.weight if isinstance(p, OperatorSpectralNorm))
-            return op.input_shape[1:]
+            return _norm_and_input(module)[0].operator.input_shape[1:]
     raise ValueError(f"{type(model).__name__} has no spectrally normalised layer to read its input size from; "
                      "pass input_shape")
 

@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..layers.spectral_norm import ConvOperator, LinearOperator, OperatorSpectralNorm, is_spectral_normalized
+from ..layers.spectral_norm import ConvOperator, LinearOperator, _norm_and_input, is_spectral_normalized
 
 __all__ = ["DEFAULT_GRAM_ITERATIONS", "ROUNDING_MARGIN", "conv_norm_bound", "gram_norm_bound", "layer_norm_bound"]
 
@@ -86,7 +86,7 @@ def layer_norm_bound(module: nn.Module, iterations: int = DEFAULT_GRAM_ITERATION
     """
     if not is_spectral_normalized(module):
         raise ValueError(f"{type(module).__name__} is not spectrally normalised")
-    op = next(p.operator for p in module.parametrizations.weight if isinstance(p, OperatorSpectralNorm))
+    op = _norm_and_input(module)[0].operator
     with torch.no_grad():
         weight = module.weight.detach()
     if isinstance(op, LinearOperator):

@@ -102,10 +102,8 @@ def _tensor_dim(state_dict: Dict[str, torch.Tensor], module_name: Optional[str],
     """Size ``dim`` of a module's weight in a checkpoint, plain or spectrally normalised."""
     if not module_name:
         return None
-    for key in (f'{module_name}.weight', f'{module_name}.parametrizations.weight.original'):
-        if key in state_dict and state_dict[key].ndim > dim:
-            return int(state_dict[key].shape[dim])
-    return None
+    weight = canonical_weight_keys(state_dict).get(f'{module_name}.weight')
+    return int(weight.shape[dim]) if weight is not None and weight.ndim > dim else None
 
 
 def create_model_from_checkpoint(
