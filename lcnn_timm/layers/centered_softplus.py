@@ -140,20 +140,21 @@ def centered_softplus(x: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
     scripted fx graph) and ``torch.compile`` get the composite of torch ops, eager mode the autograd Function.
     """
     if torch.jit.is_scripting() or torch.compiler.is_compiling():
-        out = _centered_softplus(x, log_beta.exp().to(x.dtype))
+        out = _composite(x, log_beta)
     else:
         out = _CenteredSoftplusFn.apply(x, log_beta)
     return out
 
 
-def _inference_composite(x: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+def _composite(x: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+    """The formula as plain torch ops, differentiated by autograd (TorchScript, ``torch.compile``)."""
     return _centered_softplus(x, log_beta.exp().to(x.dtype))
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_inference_kernel():
     # dynamic shapes: one kernel for every activation size instead of a recompile per layer
-    return torch.compile(_inference_composite, dynamic=True)
+    return torch.compile(_composite, dynamic=True)
 
 
 class _CompiledKernelState:
@@ -213,7 +214,7 @@ class CenteredSoftplus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript cannot compile autograd Functions: differentiate the composite
-            return _centered_softplus(x, self.log_beta.exp().to(x.dtype))
+            return _composite(x, self.log_beta)
         if self.compiled_inference and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return compiled_centered_softplus(x, self.log_beta)
         return centered_softplus(x, self.log_beta)
