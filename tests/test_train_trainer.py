@@ -1,4 +1,5 @@
 """The trainer end to end on a tiny registered model and a synthetic IDX dataset: outputs, resume after SIGKILL, NaN stop, config errors."""
+import copy
 import json
 import os
 import signal
@@ -12,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_tiny_models
 from test_data import _write_idx
 
+from lcnn_timm.layers import is_spectral_normalized, operator_norm, refresh_spectral_norms
 from lcnn_timm.train.config import load_config, parse_overrides
 
 RUNNER = Path(__file__).parent / "train_runner.py"
@@ -140,12 +143,6 @@ def test_shipped_configs_load(path):
 
 def _stored_norm_errors(state_dict):
     """Per normalised layer: |sigma from the stored singular vectors / converged sigma - 1|."""
-    import copy
-
-    import train_tiny_models
-
-    from lcnn_timm.layers import is_spectral_normalized, operator_norm, refresh_spectral_norms
-
     model = train_tiny_models.tiny_lcnn(1, 3, 8)
     model.load_state_dict(state_dict)
     converged = copy.deepcopy(model)
