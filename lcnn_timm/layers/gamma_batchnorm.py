@@ -59,9 +59,9 @@ def _update_running_stats(input: torch.Tensor, running_mean: torch.Tensor, runni
     stats_input = input.detach()
     if stats_input.dtype in (torch.bfloat16, torch.float16):  # reduced-precision activations: statistics in fp32
         stats_input = stats_input.float()
-    # E[x^2] - E[x]^2 from two plain reductions: torch.var_mean over (N, H, W) is ~5x slower on CPU (54 vs 13 ms
-    # for 128x64x32x32, one thread). Only the running statistics use it (batch_norm normalises by its own); the
-    # cancellation costs ~1e-7 * (1 + mean^2 / var) relative, 1e-3 even where the mean is 100 standard deviations.
+    # E[x^2] - E[x]^2 from two plain reductions: torch.var_mean over (N, H, W) is ~5x slower on CPU (AMD EPYC,
+    # 128x64x32x32, one thread: 54 vs 13 ms). Only the running statistics use it (batch_norm normalises by its
+    # own); the cancellation costs ~1e-7 * (1 + mean^2 / var) relative, 1e-3 where the mean is 100 std devs.
     mean = stats_input.mean(dim=dims)
     mean_square = torch.linalg.vector_norm(stats_input, 2.0, dim=dims).square() / count
     var = (mean_square - mean.square()).clamp_min(0.0)
