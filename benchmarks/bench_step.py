@@ -20,10 +20,14 @@ its parts (the differences between rows):
 * lcnn_relu_act:      ReLU instead of centered softplus
 * halves_relu:        halves blocks with ReLU, plain BN, plain convs (the block structure's own cost against relu)
 
+``--compile`` adds each timed variant once more under ``torch.compile`` (inductor; the trainer's
+``torchcompile: inductor``), as ``<name>+compile`` rows, and prints each variant's first (warm-up) step, which
+for those rows includes the compilation.
+
 ``--profile`` prints torch.profiler's table of the lcnn step's most expensive ops.
 
     python benchmarks/bench_step.py --reference /tmp/lcnn_ref [--reps 5] [--batch-size 128] [--threads 1]
-        [--dtype fp32|bf16] [--breakdown] [--profile] [--device cpu|cuda] [--only NAME ...]
+        [--dtype fp32|bf16] [--breakdown] [--compile] [--profile] [--device cpu|cuda] [--only NAME ...]
 
 Run it from the repository root with ``PYTHONPATH=.`` to time a checkout rather than the installed package.
 """
@@ -112,16 +116,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
 
 def step_seconds(models: Dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor, reps: int,
-                 amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Tuple[float, float]]:
-    """(wall, CPU) seconds of the fastest of ``reps`` training steps per model, interleaved round-robin.
+                 amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Tuple[float, float, float]]:
+    """(wall, CPU, warm-up wall) seconds of the fastest of ``reps`` training steps per model, interleaved round-robin.
 
-    One warm-up step each first. The CPU time is this thread's (``time.thread_time``): with one
+    One warm-up step each first (for a compiled model it includes the compilation). The CPU time is this thread's (``time.thread_time``): with one
     intra-op thread it is the step's own work, which other processes on a shared machine do not
     inflate the way they inflate wall time. On CUDA it is not meaningful and equals the wall time.
     """
     cpu_clock = time.thread_time if images.device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
     times = {name: [] for name in models}
+    warm_up = {}
     for rep in range(reps + 1):
         for name, model in models.items():
             _sync(images.device)
@@ -130,7 +135,10 @@ def step_seconds(models: Dict[str, nn.Module], images: torch.Tensor, labels: tor
             _sync(images.device)
             if rep:
                 times[name].append((time.perf_counter() - wall, cpu_clock() - cpu))
-    return {name: (min(t[0] for t in values), min(t[1] for t in values)) for name, values in times.items()}
+            else:
+                warm_up[name] = time.perf_counter() - wall
+    return {name: (min(t[0] for t in values), min(t[1] for t in values), warm_up[name])
+            for name, values in times.items()}
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -181,6 +189,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--breakdown", action="store_true", help="also time ablations of lcnn_resnet18")
+    parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile (inductor)")
     parser.add_argument("--profile", action="store_true", help="print the profiler's op table of one lcnn step")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="time only these variants (relu is always timed)")
     args = parser.parse_args()
@@ -209,16 +218,23 @@ def main() -> None:
             sys.exit(f"--only: unknown variant(s) {sorted(unknown)}; choose from {sorted(variants)}")
         variants = {name: build for name, build in variants.items() if name == "relu" or name in args.only}
     models = {name: build().to(device).train() for name, build in variants.items()}
+    if args.compile:
+        for name, build in variants.items():
+            models[f"{name}+compile"] = build().to(device).train()
+            models[f"{name}+compile"].compile()
     print(f"{run_conditions(device)}; batch {args.batch_size}, {args.img_size}x{args.img_size}, {NUM_CLASSES} classes, "
           f"{args.dtype}, best of {args.reps} interleaved steps")
     seconds = step_seconds(models, images, labels, args.reps, amp_dtype)
     clock = "thread CPU" if device.type == "cpu" and args.threads == 1 else "wall"
-    print(f"{'':>20}  {'wall ms':>9} {'CPU ms':>9}   ratios of {clock} time")
-    for name, (wall, cpu) in seconds.items():
+    print(f"{'':>20}  {'wall ms':>9} {'CPU ms':>9} {'warm-up s':>9}   ratios of {clock} time")
+    for name, (wall, cpu, warm_up) in seconds.items():
         ratios = f"{cpu / seconds['relu'][1]:.2f}x relu"
         if "reference" in seconds:
             ratios += f", {cpu / seconds['reference'][1]:.2f}x reference"
-        print(f"{name:>20}: {wall * 1e3:9.1f} {cpu * 1e3:9.1f}   {ratios}")
+        for baseline in ("relu+compile", "reference+compile"):
+            if name.endswith("+compile") and baseline in seconds and name != baseline:
+                ratios += f", {cpu / seconds[baseline][1]:.2f}x {baseline}"
+        print(f"{name:>20}: {wall * 1e3:9.1f} {cpu * 1e3:9.1f} {warm_up:9.1f}   {ratios}")
     if args.profile and "lcnn" in models:
         print_profile(models["lcnn"], images, labels, amp_dtype)
 
