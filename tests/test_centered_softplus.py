@@ -82,3 +82,20 @@ def test_bf16_follows_fp32():
 def test_rejects_invalid_beta(beta):
     with pytest.raises(ValueError, match="beta"):
         CenteredSoftplus(beta)
+
+
+@pytest.mark.parametrize("beta", [0.05, 5.0, 200.0])
+def test_fused_float32_gradients_match_float64_on_a_full_activation(beta):
+    """The fused backward (beta's gradient as a difference of two dot products) at activation scale, in float32."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, 16, 16, generator=g) * 2 + 0.5
+    grad_out = torch.randn(x.shape, generator=g)
+    x32 = x.clone().requires_grad_()
+    log_beta32 = torch.tensor(math.log(beta), requires_grad=True)
+    _CenteredSoftplusFn.apply(x32, log_beta32).backward(grad_out)
+    x64 = x.double().requires_grad_()
+    log_beta64 = torch.tensor(math.log(beta), dtype=torch.float64, requires_grad=True)
+    beta64 = log_beta64.exp()
+    ((torch.nn.functional.softplus(beta64 * x64) - math.log(2)) / beta64).backward(grad_out.double())
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-6, atol=1e-7)
+    assert log_beta32.grad.item() == pytest.approx(log_beta64.grad.item(), rel=5e-3)
