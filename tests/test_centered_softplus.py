@@ -99,3 +99,18 @@ def test_fused_float32_gradients_match_float64_on_a_full_activation(beta):
     ((torch.nn.functional.softplus(beta64 * x64) - math.log(2)) / beta64).backward(grad_out.double())
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-6, atol=1e-7)
     assert log_beta32.grad.item() == pytest.approx(log_beta64.grad.item(), rel=5e-3)
+
+
+def test_beta_gradient_same_for_contiguous_and_channels_last_inputs():
+    """The chunked sum (contiguous CPU tensors) and the plain one (any other layout) give the same gradient."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, 24, 24, generator=g)
+    grad_out = torch.randn(x.shape, generator=g)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone(memory_format=layout).requires_grad_()
+        log_beta = torch.tensor(math.log(3.0), requires_grad=True)
+        _CenteredSoftplusFn.apply(xi, log_beta).backward(grad_out.to(memory_format=layout))
+        grads.append((xi.grad.contiguous(), log_beta.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=0)

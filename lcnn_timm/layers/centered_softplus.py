@@ -147,11 +147,12 @@ def _dot_with_affine(g: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch
     Not ``<g a, x> - <g, y>``: those two sums nearly cancel, which cost up to 1e-2 relative in float32.
     """
     tensors = (g, a, x, y)
-    if not all(t.is_contiguous() for t in tensors) or g.device.type != "cpu" or g.numel() <= _DOT_CHUNK:
+    chunked = g.device.type == "cpu" and g.numel() > _DOT_CHUNK and len({t.dtype for t in tensors}) == 1
+    if not (chunked and all(t.is_contiguous() for t in tensors)):
         return torch.tensordot(g, a * x - y, g.dim())
     g, a, x, y = (t.view(-1) for t in tensors)
     buffer = g.new_empty(_DOT_CHUNK)
-    total = g.new_zeros(())
+    total = g.new_zeros((), dtype=torch.float64)  # the per-chunk sums add up without further rounding
     for start in range(0, g.numel(), _DOT_CHUNK):
         stop = min(start + _DOT_CHUNK, g.numel())
         part = torch.mul(a[start:stop], x[start:stop], out=buffer[: stop - start]).sub_(y[start:stop])
