@@ -125,12 +125,12 @@ def test_clip_gradients_match_the_definition():
 
 
 def test_running_statistics_match_batchnorm_in_float32_with_a_large_mean():
-    """The running variance comes from E[x^2] - E[x]^2 (two fast reductions): close to torch's even when the mean is
-    50 standard deviations, channels_last included."""
+    """The running statistics match torch's at activation scale (32k values per channel) when the mean is 50 standard
+    deviations, channels_last included (E[x^2] - E[x]^2 from two reductions was off by 1.8e-3 here)."""
     torch.manual_seed(0)
     layer, plain = GammaBatchNorm2d(8).train(), torch.nn.BatchNorm2d(8, affine=False).train()
     for _ in range(3):
-        x = (50 + torch.randn(16, 8, 12, 12) * torch.linspace(0.5, 2, 8).view(1, -1, 1, 1))
+        x = (50 + torch.randn(32, 8, 32, 32) * torch.linspace(0.5, 2, 8).view(1, -1, 1, 1))
         layer(x.contiguous(memory_format=torch.channels_last)), plain(x)
-    torch.testing.assert_close(layer.running_mean, plain.running_mean, rtol=1e-6, atol=0)
-    torch.testing.assert_close(layer.running_var, plain.running_var, rtol=1e-3, atol=0)
+    torch.testing.assert_close(layer.running_mean, plain.running_mean, rtol=1e-5, atol=0)
+    torch.testing.assert_close(layer.running_var, plain.running_var, rtol=1e-5, atol=0)

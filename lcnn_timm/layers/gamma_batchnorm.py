@@ -52,21 +52,16 @@ def _gamma_clip(log_gamma: torch.Tensor, running_var: torch.Tensor, weight: Opti
 @torch.fx.wrap
 def _update_running_stats(input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float):
     """torch's BatchNorm update, ``stat = (1 - momentum) stat + momentum batch_stat`` (unbiased variance), in place."""
-    dims = [0] + [d for d in range(2, input.dim())]
     count = input.numel() // input.shape[1]
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
     stats_input = input.detach()
     if stats_input.dtype in (torch.bfloat16, torch.float16):  # reduced-precision activations: statistics in fp32
         stats_input = stats_input.float()
-    # E[x^2] - E[x]^2 from two plain reductions: torch.var_mean over (N, H, W) is ~5x slower on CPU (AMD EPYC,
-    # 128x64x32x32, one thread: 54 vs 13 ms). Only the running statistics use it (batch_norm normalises by its
-    # own); the cancellation costs ~1e-7 * (1 + mean^2 / var) relative, 1e-3 where the mean is 100 std devs.
-    mean = stats_input.mean(dim=dims)
-    mean_square = torch.linalg.vector_norm(stats_input, 2.0, dim=dims).square() / count
-    var = (mean_square - mean.square()).clamp_min(0.0)
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    # one Welford pass (the kernel SyncBatchNorm uses), exact where the mean is many standard deviations:
+    # E[x^2] - E[x]^2 from two plain reductions was 1.5x faster but lost 0.4% of the variance at a mean of 17
+    # std devs over 128x32x32 values per channel (float32), and torch.var_mean over (N, H, W) is 3x slower
+    torch.batch_norm_update_stats(stats_input, running_mean, running_var, momentum)
 
 
 class _GammaBatchNorm(_BatchNorm):
