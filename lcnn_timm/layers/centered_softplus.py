@@ -121,20 +121,14 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         if recorded and not ctx.needs_input_grad[1]:  # input Hessians with beta frozen
             return softplus_gate_grad(grad_out, x, log_beta.exp().to(x.dtype)), None
         slope = x * log_beta.exp().to(x.dtype)
-        # d s / d log_beta = beta * d s / d beta = x s'(x) - s(x)
-        if recorded:
-            slope = slope.sigmoid()
-            grad_x = grad_out * slope
-            ds_dlog_beta = (x * slope).sub_(y) if ctx.needs_input_grad[1] else None
-            grad_log_beta = None if ds_dlog_beta is None else torch.tensordot(grad_out, ds_dlog_beta, grad_out.dim())
-        else:
-            # one fresh activation-sized buffer (on CPU each costs page faults comparable to a pass over it):
-            # the gradient is built in the slope's, after beta's gradient has read the slope
-            slope = slope.sigmoid_()
-            grad_log_beta = _dot_with_affine(grad_out, slope, x, y) if ctx.needs_input_grad[1] else None
-            grad_x = slope.mul_(grad_out)
-        if grad_log_beta is not None:
-            grad_log_beta = grad_log_beta.to(log_beta.dtype).reshape(log_beta.shape)
+        slope = slope.sigmoid() if recorded else slope.sigmoid_()
+        grad_log_beta = None
+        if ctx.needs_input_grad[1]:
+            # d s / d log_beta = beta * d s / d beta = x s'(x) - s(x)
+            grad_log_beta = _dot_with_affine(grad_out, slope, x, y).to(log_beta.dtype).reshape(log_beta.shape)
+        # unrecorded, the gradient is built in the slope's buffer (read above): on CPU every fresh
+        # activation-sized buffer costs page faults comparable to a pass over it
+        grad_x = grad_out * slope if recorded else slope.mul_(grad_out)
         return grad_x, grad_log_beta
 
 
@@ -142,12 +136,14 @@ _DOT_CHUNK = 1 << 16
 
 
 def _dot_with_affine(g: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``sum(g * (a * x - y))`` through a small reused buffer instead of an activation-sized temporary.
+    """``sum(g * (a * x - y))``; unrecorded, through a small reused buffer instead of an activation-sized temporary.
 
-    Not ``<g a, x> - <g, y>``: those two sums nearly cancel, which cost up to 1e-2 relative in float32.
+    Not ``<g a, x> - <g, y>``: those two sums nearly cancel, which cost up to 1e-2 relative in float32. When
+    autograd records (a backward with ``create_graph``) the plain, differentiable expression is used.
     """
     tensors = (g, a, x, y)
-    chunked = g.device.type == "cpu" and g.numel() > _DOT_CHUNK and len({t.dtype for t in tensors}) == 1
+    chunked = (not torch.is_grad_enabled() and g.device.type == "cpu" and g.numel() > _DOT_CHUNK
+               and len({t.dtype for t in tensors}) == 1)
     if not (chunked and all(t.is_contiguous() for t in tensors)):
         return torch.tensordot(g, a * x - y, g.dim())
     g, a, x, y = (t.view(-1) for t in tensors)
