@@ -24,10 +24,16 @@ its parts (the differences between rows):
 ``torchcompile: inductor``), as ``<name>+compile`` rows, and prints each variant's first (warm-up) step, which
 for those rows includes the compilation.
 
-``--profile`` prints torch.profiler's table of the lcnn step's most expensive ops.
+``--channels-last`` puts every model and the batch in channels_last memory format, as the shipped
+configs' ``channels_last: true`` does in training (the reference code itself trains contiguous tensors).
+
+``--profile`` prints, for every timed variant, how much of one profiled step the convolutions take
+(forward and backward; the same oneDNN kernels in every variant, so a floor none of them can go below),
+then torch.profiler's table of the lcnn step's most expensive ops.
 
     python benchmarks/bench_step.py --reference /tmp/lcnn_ref [--reps 5] [--batch-size 128] [--threads 1]
-        [--dtype fp32|bf16] [--breakdown] [--compile] [--profile] [--device cpu|cuda] [--only NAME ...]
+        [--dtype fp32|bf16] [--channels-last] [--breakdown] [--compile] [--profile] [--device cpu|cuda]
+        [--only NAME ...]
 
 Run it from the repository root with ``PYTHONPATH=.`` to time a checkout rather than the installed package.
 """
@@ -166,8 +172,9 @@ def run_conditions(device: torch.device) -> str:
     return f"torch {torch.__version__}, timm {timm.__version__}, {where}"
 
 
-def print_profile(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype: Optional[torch.dtype],
-                  rows: int = 25) -> None:
+def profile_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 amp_dtype: Optional[torch.dtype]) -> torch.profiler.profile:
+    """torch.profiler's record of one training step (after one unprofiled step)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     train_step(model, optimizer, images, labels, amp_dtype)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -175,8 +182,15 @@ def print_profile(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         train_step(model, optimizer, images, labels, amp_dtype)
-    sort = "self_cuda_time_total" if images.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    return prof
+
+
+def convolution_share(prof: torch.profiler.profile) -> Tuple[float, float]:
+    """(convolution, total) self CPU seconds of a profiled step; convolution = every aten op named *conv*."""
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    conv = sum(event.self_cpu_time_total for event in events if "conv" in event.key)
+    return conv / 1e6, total / 1e6
 
 
 def main() -> None:
@@ -190,7 +204,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--breakdown", action="store_true", help="also time ablations of lcnn_resnet18")
     parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile (inductor)")
-    parser.add_argument("--profile", action="store_true", help="print the profiler's op table of one lcnn step")
+    parser.add_argument("--channels-last", action="store_true", help="models and batch in channels_last memory format")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each variant's convolution time and the profiler's op table of one lcnn step")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="time only these variants (relu is always timed)")
     args = parser.parse_args()
 
@@ -209,7 +225,9 @@ def main() -> None:
         print("no --reference PATH given: reference column skipped")
 
     torch.manual_seed(0)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
     variants = build_variants(reference, args.breakdown or bool(args.only))
     if args.only:
@@ -217,13 +235,14 @@ def main() -> None:
         if unknown:
             sys.exit(f"--only: unknown variant(s) {sorted(unknown)}; choose from {sorted(variants)}")
         variants = {name: build for name, build in variants.items() if name == "relu" or name in args.only}
-    models = {name: build().to(device).train() for name, build in variants.items()}
+    models = {name: build().to(device, memory_format=memory_format).train() for name, build in variants.items()}
     if args.compile:
         for name, build in variants.items():
-            models[f"{name}+compile"] = build().to(device).train()
+            models[f"{name}+compile"] = build().to(device, memory_format=memory_format).train()
             models[f"{name}+compile"].compile()
+    layout = ", channels_last" if args.channels_last else ""
     print(f"{run_conditions(device)}; batch {args.batch_size}, {args.img_size}x{args.img_size}, {NUM_CLASSES} classes, "
-          f"{args.dtype}, best of {args.reps} interleaved steps")
+          f"{args.dtype}{layout}, best of {args.reps} interleaved steps")
     seconds = step_seconds(models, images, labels, args.reps, amp_dtype)
     clock = "thread CPU" if device.type == "cpu" and args.threads == 1 else "wall"
     print(f"{'':>20}  {'wall ms':>9} {'CPU ms':>9} {'warm-up s':>9}   ratios of {clock} time")
@@ -235,8 +254,17 @@ def main() -> None:
             if name.endswith("+compile") and baseline in seconds and name != baseline:
                 ratios += f", {cpu / seconds[baseline][1]:.2f}x {baseline}"
         print(f"{name:>20}: {wall * 1e3:9.1f} {cpu * 1e3:9.1f} {warm_up:9.1f}   {ratios}")
-    if args.profile and "lcnn" in models:
-        print_profile(models["lcnn"], images, labels, amp_dtype)
+    if args.profile:
+        print("one profiled step each (self CPU time):")
+        records = {name: profile_step(model, images, labels, amp_dtype)
+                   for name, model in models.items() if not name.endswith("+compile")}
+        for name, prof in records.items():
+            conv, total = convolution_share(prof)
+            print(f"{name:>20}: {total * 1e3:9.1f} ms, convolutions {conv * 1e3:9.1f} ms ({conv / total:.0%}), "
+                  f"the rest {(total - conv) * 1e3:9.1f} ms")
+        if "lcnn" in records:
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(records["lcnn"].key_averages().table(sort_by=sort, row_limit=25))
 
 
 if __name__ == "__main__":

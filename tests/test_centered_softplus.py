@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lcnn_timm.layers import CenteredSoftplus
-from lcnn_timm.layers.centered_softplus import _CenteredSoftplusFn
+from lcnn_timm.layers.centered_softplus import _CenteredSoftplusFn, _flat_in_memory_order
 
 
 def reference(x: torch.Tensor, beta: float) -> torch.Tensor:
@@ -84,15 +84,16 @@ def test_rejects_invalid_beta(beta):
         CenteredSoftplus(beta)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("beta", [0.05, 5.0, 200.0])
-def test_fused_float32_gradients_match_float64_on_a_full_activation(beta):
-    """The fused backward (beta's gradient as a difference of two dot products) at activation scale, in float32."""
+def test_fused_float32_gradients_match_float64_on_a_full_activation(beta, layout):
+    """The fused backward (beta's gradient as a chunked float64-accumulated sum) at activation scale, in float32."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 64, 16, 16, generator=g) * 2 + 0.5
     grad_out = torch.randn(x.shape, generator=g)
-    x32 = x.clone().requires_grad_()
+    x32 = x.clone(memory_format=layout).requires_grad_()
     log_beta32 = torch.tensor(math.log(beta), requires_grad=True)
-    _CenteredSoftplusFn.apply(x32, log_beta32).backward(grad_out)
+    _CenteredSoftplusFn.apply(x32, log_beta32).backward(grad_out.contiguous(memory_format=layout))
     x64 = x.double().requires_grad_()
     log_beta64 = torch.tensor(math.log(beta), dtype=torch.float64, requires_grad=True)
     beta64 = log_beta64.exp()
@@ -101,16 +102,36 @@ def test_fused_float32_gradients_match_float64_on_a_full_activation(beta):
     assert log_beta32.grad.item() == pytest.approx(log_beta64.grad.item(), rel=5e-3)
 
 
-def test_beta_gradient_same_for_contiguous_and_channels_last_inputs():
-    """The chunked sum (contiguous CPU tensors) and the plain one (any other layout) give the same gradient."""
+def test_beta_gradient_same_for_every_layout():
+    """Chunked sums (contiguous or channels_last, in memory order) and the plain one (mixed layouts) agree."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 16, 24, 24, generator=g)
     grad_out = torch.randn(x.shape, generator=g)
+    contiguous, channels_last = torch.contiguous_format, torch.channels_last
     grads = []
-    for layout in (torch.contiguous_format, torch.channels_last):
-        xi = x.clone(memory_format=layout).requires_grad_()
+    for x_layout, grad_layout in ((contiguous, contiguous), (channels_last, channels_last), (channels_last, contiguous)):
+        xi = x.clone(memory_format=x_layout).requires_grad_()
         log_beta = torch.tensor(math.log(3.0), requires_grad=True)
-        _CenteredSoftplusFn.apply(xi, log_beta).backward(grad_out.to(memory_format=layout))
+        _CenteredSoftplusFn.apply(xi, log_beta).backward(grad_out.contiguous(memory_format=grad_layout))
         grads.append((xi.grad.contiguous(), log_beta.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=0)
+    for x_grad, beta_grad in grads[1:]:
+        torch.testing.assert_close(x_grad, grads[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(beta_grad, grads[0][1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t,
+    lambda t: t.contiguous(memory_format=torch.channels_last),
+    lambda t: t.permute(3, 1, 0, 2),
+])
+def test_flat_in_memory_order_views_dense_tensors(make):
+    t = make(torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5))
+    flat = _flat_in_memory_order(t)
+    assert flat is not None and flat.data_ptr() == t.data_ptr() and flat.numel() == t.numel()
+    assert torch.equal(flat.sort().values, torch.arange(120.0))
+    torch.testing.assert_close(flat.sum(), t.sum())
+
+
+def test_flat_in_memory_order_refuses_tensors_with_gaps():
+    assert _flat_in_memory_order(torch.zeros(4, 6)[:, ::2]) is None
+    assert _flat_in_memory_order(torch.zeros(4, 6)[:3, :5]) is None
