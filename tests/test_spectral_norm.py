@@ -7,7 +7,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from lcnn_timm.layers import (
-    CenteredSoftplus, GammaBatchNorm2d, is_spectral_normalized, operator_norm, remove_spectral_norms, spectral_norm,
+    CenteredSoftplus, GammaBatchNorm2d, is_spectral_normalized, normalized_layer_norms, operator_norm,
+    refresh_spectral_norms, remove_spectral_norms, spectral_norm,
 )
 
 
@@ -83,6 +84,25 @@ def trained_small_model():
         opt.step()
         opt.zero_grad()
     return model.eval()
+
+
+def test_normalized_layer_norms_match_dense_svd_of_the_evaluated_layers():
+    """A lagging layer (raw weights moved after its vectors converged) and a converged one, in float64."""
+    torch.manual_seed(0)
+    conv = spectral_norm(nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False).double(), (7, 8))
+    head = spectral_norm(nn.Linear(12, 5).double())
+    model = nn.Sequential(conv, nn.Flatten(), head).eval()
+    with torch.no_grad():
+        conv.parametrizations.weight.original.add_(0.3 * torch.randn_like(conv.weight))
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = normalized_layer_norms(model)
+    assert set(norms) == {"0", "2"}
+    assert norms["0"] == pytest.approx(dense_operator_norm(conv, (1, 3, 7, 8)), rel=1e-6) and norms["0"] > 1.01
+    assert norms["2"] == pytest.approx(dense_operator_norm(head, (1, 12)), rel=1e-6)
+    assert norms["2"] == pytest.approx(1.0, rel=1e-6)
+    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())  # measured, not changed
+    refresh_spectral_norms(model)
+    assert normalized_layer_norms(model)["0"] == pytest.approx(1.0, rel=1e-6)
 
 
 def test_eval_mode_runs_no_power_iteration():

@@ -161,3 +161,18 @@ def test_precise_bn_evaluates_and_saves_converged_spectral_norms(idx_dir, tmp_pa
     final = _stored_norm_errors(load_file(str(tmp_path / "model.safetensors")))
     assert max(trained) > 1e-2, trained  # the case this is for: the training's power iteration lags (9% here)
     assert max(final) < 1e-4, final
+    assert json.loads((tmp_path / "final_eval.json").read_text())["normalized_layer_norm_max"] == pytest.approx(1, abs=1e-4)
+
+
+def test_final_eval_reports_lagging_spectral_norms_without_precise_bn(idx_dir, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: test_tiny_lcnn\n")
+    out = tmp_path / "out"
+    proc = _run(["--cli", "--config", str(config), *_args(idx_dir, out, "--lr", "0.5")])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    reported = json.loads((out / "final_eval.json").read_text())["normalized_layer_norm_max"]
+    # independently: converged sigma / stored sigma of the saved weights, the largest over the layers
+    expected = 1 / (1 - max(_stored_norm_errors(load_file(str(out / "model.safetensors")))))
+    assert reported == pytest.approx(expected, rel=1e-4) and reported > 1.01
+    assert f"operator norms up to {reported:.4f}, not 1" in output

@@ -7,6 +7,7 @@ from .spectral_norm import (
     LinearOperator,
     OperatorSpectralNorm,
     is_spectral_normalized,
+    normalized_layer_norms,
     operator_norm,
     refresh_spectral_norms,
     remove_spectral_norms,

@@ -12,6 +12,8 @@ __all__ = ["main"]
 
 # exit statuses: 2 a usage or set-up error (nothing written), 3 a non-finite loss, 128 + N killed by signal N
 USAGE_ERROR, NON_FINITE = 2, 3
+# the end of a run says when the saved normalised layers are further than this from norm 1
+NORM_LAG_NOTE_ABOVE = 1e-3
 
 
 def _keys_help() -> str:
@@ -71,6 +73,10 @@ def _print_outputs(out_dir: Path, result: dict) -> None:
     acc = f"{result['test_acc']:.2%} clean test accuracy on {result['test_images']} images ({result['bn']})"
     ema = f"; EMA weights {result['test_ema_acc']:.2%}" if "test_ema_acc" in result else ""
     print(f"done: {acc}{ema}; trained in {result['precision']}")
+    if result.get("normalized_layer_norm_max", 1.0) > 1 + NORM_LAG_NOTE_ABOVE:
+        print(f"note: the spectrally normalised layers evaluate with operator norms up to "
+              f"{result['normalized_layer_norm_max']:.4f}, not 1 (the training's power iteration lagged the weights); "
+              f"precise_bn_batches converges them before the final evaluation")
     files = ["model.safetensors (final weights)", "final_eval.json", "metrics.jsonl", "*.png (curves)",
              "ckpt-*.safetensors + .state.pt (resume state)", "config.json"]
     print(f"outputs in {out_dir}/: {', '.join(files)}")

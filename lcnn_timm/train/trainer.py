@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..certify.gamma_cap import cap_gamma
 from ..curvature.penalty import lcnn_parameters
 from ..data import DEFAULT_FASHION_MNIST_DIR, TensorLoader, load_image_tensors, resolve_dataset_name
-from ..layers.spectral_norm import refresh_spectral_norms
+from ..layers.spectral_norm import normalized_layer_norms, refresh_spectral_norms
 from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_candidates, describe_mismatch,
                          load_checkpoint, save_checkpoint, save_weights)
 from .config import TrainConfig
@@ -551,6 +551,11 @@ class Trainer:
         result.update({f"test_{k}": v for k, v in self.evaluate(full_val).items()})
         if self.task.has_ema():
             result.update({f"test_ema_{k}": v for k, v in self.evaluate(full_val, ema=True).items()})
+        # what "spectrally normalised" means for the saved weights: 1 once precise BN converged the vectors, above
+        # 1 where the training's one power step per forward lagged the weights
+        norms = normalized_layer_norms(unwrap_model(self.model))
+        if norms:
+            result["normalized_layer_norm_max"] = max(norms.values())
         if self.primary:
             save_weights(self.out_dir / "model.safetensors", unwrap_model(self.model).state_dict())
             if self.task.has_ema():
