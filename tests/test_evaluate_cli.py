@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from lcnn_timm.cli import main as lcnn_main
 from lcnn_timm.curvature import estimate_curvature
 from lcnn_timm.evaluation import create_eval_model, load_eval_data, load_results
 from lcnn_timm.evaluation.cli import main
-from lcnn_timm.layers import CenteredSoftplus
+from lcnn_timm.layers import CenteredSoftplus, is_spectral_normalized, operator_norm, refresh_spectral_norms
 
 
 def tiny_net(act, in_chans=3, num_classes=4, width=4):
@@ -108,6 +109,32 @@ def test_schema_1_results_stay_readable(tmp_path):
     path.write_text(json.dumps({"schema_version": 3}))
     with pytest.raises(ValueError, match="schema_version 3 is not supported"):
         load_results(str(path))
+
+
+def test_results_record_the_norm_of_spectrally_normalised_layers(tmp_path):
+    """None without such layers; for an LCNN checkpoint whose stored vectors lag its weights, the lag found by
+    converging them independently."""
+    _, plain = run(tmp_path, "evaltest_tiny_softplus", "--dataset", "synthetic", "--metrics", "accuracy")
+    assert plain["model"]["normalized_layer_norm_max"] is None
+    kwargs = dict(channels=(4, 4, 4, 4), img_size=8, num_classes=4)
+    model = timm.create_model("lcnn_resnet18", **kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("parametrizations.weight.original"):  # the raw weights of the normalised layers
+                p.add_(0.3 * p.std() * torch.randn_like(p))  # small enough that the stored sigmas stay > 0
+    path = tmp_path / "lagging.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    converged = copy.deepcopy(model)
+    refresh_spectral_norms(converged)
+    pairs = [(operator_norm(a).item(), operator_norm(b).item())
+             for a, b in zip(model.modules(), converged.modules()) if is_spectral_normalized(a)]
+    assert min(stored for stored, _ in pairs) > 0
+    lags = [true / stored for stored, true in pairs]
+    code, results = run(tmp_path, "lcnn_resnet18", "--checkpoint", str(path), "--dataset", "synthetic",
+                        "--model-kwargs", "channels=[4,4,4,4]", "img_size=8", "num_classes=4", "--metrics", "accuracy")
+    assert code == 0
+    assert max(lags) > 1.01
+    assert results["model"]["normalized_layer_norm_max"] == pytest.approx(max(lags), rel=1e-4)
 
 
 def test_checkpoint_is_loaded_and_hashed(tmp_path):

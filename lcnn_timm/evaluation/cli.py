@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from ..curvature.estimator import DEFAULT_LANCZOS_STEPS
+from ..layers.spectral_norm import normalized_layer_norms
 from .datasets import EvalData, load_eval_data
 from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
@@ -98,6 +99,7 @@ def _check_compatible(model: NormalizedModel, data: EvalData, device: torch.devi
 
 def _model_info(args: argparse.Namespace, model: NormalizedModel, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     inner = model.model
+    norms = normalized_layer_norms(inner)
     return {
         "name": args.model,
         "architecture": getattr(inner, "pretrained_cfg", {}).get("architecture"),
@@ -107,6 +109,8 @@ def _model_info(args: argparse.Namespace, model: NormalizedModel, kwargs: Dict[s
         "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None,
         "num_params": sum(p.numel() for p in inner.parameters()),
         "num_classes": getattr(inner, "num_classes", None),
+        # largest operator norm of a spectrally normalised layer as evaluated (None: no such layer)
+        "normalized_layer_norm_max": max(norms.values()) if norms else None,
         "input_normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
                                 "applied": "inside the model; inputs are [0, 1] pixels"},
     }
