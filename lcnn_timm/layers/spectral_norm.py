@@ -301,10 +301,11 @@ class OperatorSpectralNorm(nn.Module):
     @torch.jit.unused
     def converge(self, weight: torch.Tensor, max_steps: int = 100, tol: Optional[float] = None) -> float:
         """Converge the stored singular vectors by Lanczos iteration; returns the operator norm found."""
-        sigma, v = self.lanczos(weight, max_steps, tol)
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            weight = weight.detach().to(self._v.dtype)
+            sigma, v = self.lanczos(weight, max_steps, tol)
             self._v.copy_(v)
-            self._u.copy_(_normalize(self.operator.apply(self._v, weight.detach().to(self._v.dtype)), self.eps))
+            self._u.copy_(_normalize(self.operator.apply(self._v, weight), self.eps))
         return sigma
 
     @torch.jit.unused
