@@ -75,7 +75,9 @@ def test_gradients_finite_at_zero_lipschitz(weight):
 def test_clip_gradients_match_finite_differences(gamma, training):
     bn = make(GammaBatchNorm2d, 3, gamma=gamma, affine=True).train(training)
     bn.momentum = 0.0  # keep the running statistics fixed across gradcheck's evaluations
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    # in training the clip holds the batch variance constant (as eval holds the running one), so its x-gradient is
+    # checked against the definition below, and finite differences check the parameters'
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=not training)
 
     def f(x, weight, log_gamma):
         return torch.func.functional_call(bn, {"weight": weight, "log_gamma": log_gamma}, (x,))
@@ -85,43 +87,65 @@ def test_clip_gradients_match_finite_differences(gamma, training):
     assert torch.autograd.gradcheck(f, (x, weight, log_gamma))
 
 
+def _expected_lipschitz(plain, x, training):
+    """``max_c |w_c| / sqrt(var_c + eps)`` from the variance BN divides by: the batch's (biased) in training, the
+    running one in eval; the variance is held constant (detached), the weight is not."""
+    variance = x.detach().var(dim=(0, 2, 3), unbiased=False) if training else plain.running_var
+    return ((variance + plain.eps).rsqrt() * (plain.weight.abs() if plain.affine else 1)).max()
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 def test_clip_equals_batchnorm_times_clip(affine, momentum, training):
-    # the definition bn(x) * min(1, gamma / L), L from the running variance *after* this batch's update (reading
-    # it before breaks precise BN: from reset statistics every layer would run unclipped)
+    # the definition bn(x) * min(1, gamma / L), L from the variance bn divides by; running statistics as torch's
     layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=affine).train(training)
     layer.momentum = momentum
     plain = torch.nn.BatchNorm2d(3, affine=affine, momentum=momentum).double().train(training)
     plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
-    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     for _ in range(2):  # the second step checks the cumulative-average count too
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * torch.tensor([0.2, 1.0, 3.0]).view(1, 3, 1, 1).double()
         normalized = plain(x)
-        lipschitz = ((plain.running_var + plain.eps).rsqrt() * (plain.weight.abs() if affine else 1)).max()
-        clip = torch.clamp(layer.gamma.double() / lipschitz, max=1)
-        expected = normalized * clip
-        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+        clip = torch.clamp(layer.gamma.double() / _expected_lipschitz(plain, x, training), max=1)
+        torch.testing.assert_close(layer(x), normalized * clip, rtol=1e-12, atol=1e-12)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(layer, name), getattr(plain, name), rtol=1e-12, atol=0)
     assert clip.item() < 1  # the clip is active, so a dropped or misplaced factor shows
 
 
-def test_clip_gradients_match_the_definition():
-    layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=True).train()
-    plain = torch.nn.BatchNorm2d(3).double().train()
+@pytest.mark.parametrize("training", [False, True])
+def test_clip_gradients_match_the_definition(training):
+    layer = make(GammaBatchNorm2d, 3, gamma=0.3, affine=True).train(training)
+    plain = torch.nn.BatchNorm2d(3).double().train(training)
     plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "log_gamma"})
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     log_gamma = layer.log_gamma.detach().clone().requires_grad_()
     normalized = plain(x)
-    lipschitz = ((plain.running_var + plain.eps).rsqrt() * plain.weight.abs()).max()
     gamma = log_gamma.exp()
+    lipschitz = _expected_lipschitz(plain, x, training)
+    assert lipschitz > 0.3  # the clip is active
     unfused = normalized * (gamma / torch.maximum(gamma, lipschitz))
     expected = torch.autograd.grad(unfused, (x, plain.weight, plain.bias, log_gamma), grad)
     actual = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias, layer.log_gamma), grad)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_training_clip_follows_the_batch_not_the_lagging_running_variance():
+    """Fresh running statistics (variance 1) against activations of variance 1e-4: the training-mode clip must act
+    (it is what the evaluated network applies once the statistics converge), not wait for the running average."""
+    layer = GammaBatchNorm2d(2, gamma=10.0).train()
+    x = torch.randn(64, 2, 4, 4) * 1e-2
+    out = layer(x)
+    assert layer.running_var.min() > 0.5  # the running average still lags
+    torch.testing.assert_close(out.std(), torch.tensor(10 * 1e-2), rtol=0.05, atol=0)
+    layer.eval()
+    for _ in range(3):  # once the running statistics hold this batch's, eval applies the same map
+        layer.train()(x)
+    layer.running_var.copy_(x.var(dim=(0, 2, 3)))
+    layer.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(layer.eval()(x), layer.train()(x), rtol=2e-2, atol=1e-4)
 
 
 def test_running_statistics_match_batchnorm_in_float32_with_a_large_mean():

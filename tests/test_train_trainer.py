@@ -153,13 +153,14 @@ def _stored_norm_errors(state_dict):
 
 
 def test_precise_bn_evaluates_and_saves_converged_spectral_norms(idx_dir, tmp_path):
-    proc = _run(_args(idx_dir, tmp_path, "--precise-bn-batches", "2", "--lr", "0.5"))
+    # Adam's steps are large against the normalised weights, so one power step per forward lags behind them
+    proc = _run(_args(idx_dir, tmp_path, "--precise-bn-batches", "2", "--opt", "adam", "--lr", "0.5"))
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     last = json.loads((tmp_path / "last.json").read_text())
     trained = _stored_norm_errors(load_file(str(tmp_path / f"{last['checkpoint']}.safetensors")))
     final = _stored_norm_errors(load_file(str(tmp_path / "model.safetensors")))
-    assert max(trained) > 1e-2, trained  # the case this is for: the training's power iteration lags (9% here)
+    assert max(trained) > 1e-2, trained  # the case this is for: the training's power iteration lags (29% here)
     assert max(final) < 1e-4, final
     assert json.loads((tmp_path / "final_eval.json").read_text())["normalized_layer_norm_max"] == pytest.approx(1, abs=1e-4)
 
@@ -168,7 +169,7 @@ def test_final_eval_reports_lagging_spectral_norms_without_precise_bn(idx_dir, t
     config = tmp_path / "tiny.yaml"
     config.write_text("model: test_tiny_lcnn\n")
     out = tmp_path / "out"
-    proc = _run(["--cli", "--config", str(config), *_args(idx_dir, out, "--lr", "0.5")])
+    proc = _run(["--cli", "--config", str(config), *_args(idx_dir, out, "--opt", "adam", "--lr", "0.5")])
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     reported = json.loads((out / "final_eval.json").read_text())["normalized_layer_norm_max"]

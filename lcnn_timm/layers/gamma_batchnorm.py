@@ -6,9 +6,18 @@ the operator norm of the eval-mode BN map):
     gamma_bn(x) = bn(x) * min(1, gamma / L),   L = max_c |w_c| / sqrt(running_var_c + eps)
 
 ``w`` is the affine weight (1 when ``affine=False``, as in the reference code); the
-bias does not change the Lipschitz constant. ``L`` is computed from the running
-statistics in train mode too, after the batch updated them, so the bound is exact in
-eval mode only: during training BN normalises by the batch variance.
+bias does not change the Lipschitz constant.
+
+In training mode BN normalises by the batch variance, and ``L`` is taken from that
+same batch variance (held constant, like the running statistics in eval mode): the
+clip is then the Lipschitz constant of the map actually applied, in both modes. The
+reference code reads the *running* variance in training too (spec decision 4); that
+makes the training-mode function depend on an exponential average that lags the
+activations by orders of magnitude early on (BN starts it at 1, activations here
+have variances near 1e-4), so the network trains with its clips open and the
+evaluated network (running or re-estimated statistics) has them closed. On the quick
+config that mismatch gave 71.2% in one precision and 13.95% in another
+(docs/layers.md, "gamma-BN in training mode").
 """
 import math
 from typing import Optional
@@ -38,20 +47,23 @@ def batchnorm_lipschitz(bn: _BatchNorm) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def _gamma_clip(log_gamma: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor], eps: float):
-    """``min(1, gamma / L)``; an fx leaf so that traced graphs read the live running statistics.
+def _gamma_clip(log_gamma: torch.Tensor, variance: torch.Tensor, weight: Optional[torch.Tensor], eps: float):
+    """``min(1, gamma / L)`` with ``L`` from ``variance`` (running or batch); an fx leaf so that traced graphs read
+    the live statistics.
 
     Written as ``gamma / max(gamma, L)``: the same value, but finite gradients where ``L = 0`` (timm
     zero-initialises the last BN weight of residual blocks), where ``clamp(gamma / L, max=1)`` gives
     ``inf * 0 = NaN``.
     """
     gamma = log_gamma.exp()
-    return gamma / torch.maximum(gamma, _lipschitz(running_var, weight, eps))
+    return gamma / torch.maximum(gamma, _lipschitz(variance, weight, eps))
 
 
 @torch.fx.wrap
-def _update_running_stats(input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float):
-    """torch's BatchNorm update, ``stat = (1 - momentum) stat + momentum batch_stat`` (unbiased variance), in place."""
+def _batch_variance(input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float):
+    """The batch's per-channel (biased) variance, which training-mode BN divides by, in float32 or wider; updates
+    the running statistics in place as torch's BatchNorm does (``(1 - momentum) stat + momentum batch_stat``,
+    unbiased variance)."""
     count = input.numel() // input.shape[1]
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
@@ -62,7 +74,7 @@ def _update_running_stats(input: torch.Tensor, running_mean: torch.Tensor, runni
     # E[x^2] - E[x]^2 from two plain reductions was 1.5x faster but lost 0.4% of the variance at a mean of 17
     # std devs over 128x32x32 values per channel (float32), and torch.var_mean over (N, H, W) is 3x slower
     # (AMD EPYC, one thread, docs/layers.md)
-    torch.batch_norm_update_stats(stats_input, running_mean, running_var, momentum)
+    return torch.batch_norm_update_stats(stats_input, running_mean, running_var, momentum)[1]
 
 
 class _GammaBatchNorm(_BatchNorm):
@@ -108,12 +120,9 @@ class _GammaBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # _BatchNorm.forward's logic for always-tracked statistics, without super() (TorchScript has none).
-        # The clip reads the running variance *after* this batch updated it, as precise BN needs (re-estimating
-        # the statistics from reset values: reading it before leaves every layer unclipped while the statistics
-        # downstream are gathered; measured 71.6% -> 15.3% on the quick config). So the batch statistics are
-        # taken first, and the clip is folded into batch_norm's affine map instead of scaling its output: one
-        # reduction pass more, three elementwise passes (forward and backward) fewer.
+        # _BatchNorm.forward's logic for always-tracked statistics, without super() (TorchScript has none). The
+        # clip is folded into batch_norm's affine map instead of scaling its output: three elementwise passes
+        # (forward and backward) fewer, for the one extra reduction pass that gives the batch variance.
         if not torch.jit.is_scripting():  # it handles fx proxies, which TorchScript cannot compile
             self._check_input_dim(input)
         if self.training:
@@ -122,12 +131,14 @@ class _GammaBatchNorm(_BatchNorm):
                 momentum = 1.0 / float(self.num_batches_tracked)
             else:
                 momentum = self.momentum
-            _update_running_stats(input, self.running_mean, self.running_var, momentum)
-        clip = _gamma_clip(self.log_gamma, self.running_var, self.weight, self.eps)
+            variance = _batch_variance(input, self.running_mean, self.running_var, momentum)
+        else:
+            variance = self.running_var
+        clip = _gamma_clip(self.log_gamma, variance, self.weight, self.eps)
         # a real (C,) tensor: eval batch_norm's backward mis-reads an expanded (stride-0) weight (torch 2.14, CPU)
         weight = clip.repeat([self.num_features]) if self.weight is None else self.weight * clip
         bias = None if self.bias is None else self.bias * clip
-        if self.training:  # normalise by the batch statistics; the running ones are already updated
+        if self.training:
             return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
         return F.batch_norm(input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
 
