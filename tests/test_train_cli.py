@@ -15,7 +15,6 @@ from test_train_trainer import _args, _run, assert_same_final_weights, idx_dir, 
 import train_tiny_models  # noqa: F401  (registers the tiny models in this process too)
 
 from lcnn_timm.train.cli import main as train_main
-from lcnn_timm.train.precision import has_native_bf16, resolve_precision
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
@@ -138,33 +137,10 @@ def test_per_epoch_validation_uses_the_final_batchnorm_statistics(idx_dir, confi
     assert rows[-1]["val_images"] == final["test_images"] == 32
     assert rows[-1]["val_loss"] == final["test_loss"] and rows[-1]["val_acc"] == final["test_acc"]
     assert rows[-1]["val_bn"] == final["bn"] == "BN statistics re-estimated on 2 training batches"
-    expected = resolve_precision(None, "bfloat16", torch.device("cpu"))[0] or "float32"
-    assert final["precision"] == expected and all(row["precision"] == expected for row in rows)
+    choice = final["precision_choice"]  # what the start-up probe measured and chose, recorded with every epoch
+    assert final["precision"] == choice["precision"] and all(row["precision_choice"] == choice for row in rows)
     assert f"val_acc {rows[0]['val_acc']:.3f} (first 32 test images, BN statistics re-estimated" in output
-    assert f"outputs in {tmp_path}/" in output and "precision: amp: auto" in output
-
-
-@pytest.mark.parametrize("flags, native", [
-    ("fpu avx2 fma", False),
-    ("fpu avx2 avx512f avx512_bf16", True),
-    ("fpu avx2 amx_tile amx_bf16", True),
-])
-def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-    assert has_native_bf16(torch.device("cpu"), cpuinfo) is native
-
-
-def test_precision_choice(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr("lcnn_timm.train.precision.has_native_bf16", lambda device: False)
-    assert resolve_precision(None, "bfloat16", cpu)[0] is None
-    assert resolve_precision(True, "bfloat16", cpu)[0] == "bfloat16"  # an explicit amp: true still wins
-    assert resolve_precision(True, "float16", cpu)[0] == "float16"
-    monkeypatch.setattr("lcnn_timm.train.precision.has_native_bf16", lambda device: True)
-    assert resolve_precision(None, "bfloat16", cpu)[0] == "bfloat16"
-    assert resolve_precision(False, "bfloat16", cpu)[0] is None
-    assert not has_native_bf16(cpu, Path("/nonexistent/cpuinfo"))
+    assert f"outputs in {tmp_path}/" in output and "precision: amp: false; channels_last: false -> float32/contiguous" in output
 
 
 def test_convert_and_train_a_stock_model(idx_dir, config, tmp_path, capsys):  # noqa: F811

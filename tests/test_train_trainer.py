@@ -41,7 +41,9 @@ def _args(idx_dir, output, *extra):
     return ["--model", "test_tiny_lcnn", "--model-kwargs", "{img_size: 8}", "--dataset", "fashion_mnist",
             "--data-dir", str(idx_dir), "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--sched", "multistep",
             "--decay-milestones", "[2]", "--beta-weight", "1e-3", "--gamma-weight", "1e-3", "--gradreg-weight",
-            "1e-3", "--recovery-interval", "2", "--output", str(output), "--progress", "false", *extra]
+            "1e-3", "--recovery-interval", "2", "--output", str(output), "--progress", "false",
+            # pinned: 'auto' measures step times, so two runs could train in different cells and not be comparable
+            "--amp", "false", "--channels-last", "false", *extra]
 
 
 def _run(args, env=None, **kwargs):

@@ -18,12 +18,12 @@ NORM_LAG_NOTE_ABOVE = 1e-3
 
 def _keys_help() -> str:
     """Every config key with its default, for ``--help`` (the descriptions are in docs/training.md)."""
-    from .config import TIMM_PIPELINE_KEYS, TrainConfig
+    from .config import AUTO_KEYS, TIMM_PIPELINE_KEYS, TrainConfig
 
     entries = []
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        entries.append(f"{f.name}={'auto' if f.name == 'amp' else default!r}")
+        entries.append(f"{f.name}={'auto' if f.name in AUTO_KEYS else default!r}")
     paragraphs = [
         ("config keys (a YAML key, or --key value on the command line), with their defaults:", " ".join(entries)),
         ("accepted and ignored (timm train.py's PIL pipeline):", ", ".join(sorted(TIMM_PIPELINE_KEYS))),

@@ -1,10 +1,26 @@
-"""Which autocast precision fits the hardware: bf16 only where it is native, fp32 otherwise."""
+"""Which autocast precision and memory layout to train in: measured on the model and device, not assumed.
+
+``amp: auto`` and ``channels_last: auto`` time a few forward+backward steps of a copy of the actual model on
+one real training batch, in every candidate cell, at start-up (as ``cudnn.benchmark`` does for kernels), and
+keep the fastest. A reduced precision must beat float32 by :data:`REDUCED_PRECISION_MARGIN` to be chosen:
+it costs accuracy (bf16 keeps 8 bits), so a tie goes to float32. bf16 is only a candidate where the device
+computes it natively; emulated bf16 was 4-7x slower than fp32 on an AVX2-only AMD EPYC, so probing it there
+would only cost time. Every cell a probe may choose is covered by ``tests/test_precision_matrix.py``.
+"""
+import copy
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["BF16_CPU_FLAGS", "has_native_bf16", "resolve_precision"]
+__all__ = ["BF16_CPU_FLAGS", "PrecisionChoice", "choose_precision", "has_native_bf16", "probe_step_seconds"]
+
+# a reduced precision is chosen only if its step takes at most this fraction of float32's
+REDUCED_PRECISION_MARGIN = 0.9
 
 # /proc/cpuinfo flags of CPUs with bf16 arithmetic in hardware (AVX512-BF16, AMX); without them oneDNN
 # emulates bf16 with fp32 conversions, measured 4-7x slower than plain fp32 on an AVX2-only AMD EPYC
@@ -36,17 +52,104 @@ def has_native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo"))
     return False
 
 
-def resolve_precision(amp: Optional[bool], amp_dtype: str, device: torch.device) -> Tuple[Optional[str], str]:
-    """The autocast dtype to train with (None: plain fp32) and a one-line reason to print.
+@dataclass
+class PrecisionChoice:
+    """The autocast dtype (None: float32) and memory layout a run trains in, and why.
 
-    ``amp`` None (the default, ``amp: auto``) chooses bfloat16 where :func:`has_native_bf16`, fp32 otherwise;
-    ``amp`` True uses ``amp_dtype`` (timm's ``--amp --amp-dtype``); False forces fp32.
+    ``measured`` maps ``"<dtype>/<layout>"`` to the best seconds per forward+backward step of the probe
+    (empty when nothing was left to choose).
     """
-    if amp is None:
-        if has_native_bf16(device):
-            return "bfloat16", f"amp: auto -> bfloat16 autocast ({device.type} has native bf16)"
-        native = "a GPU with bf16" if device.type == "cuda" else f"CPU flags {' or '.join(sorted(BF16_CPU_FLAGS))}"
-        return None, f"amp: auto -> float32 ({device.type} lacks native bf16: needs {native}; amp: true forces it)"
+
+    precision: Optional[str]
+    channels_last: bool
+    reason: str
+    measured: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """For metrics.jsonl, final_eval.json and the checkpoint (a resumed run keeps its choice)."""
+        return {"precision": self.precision or "float32", "channels_last": self.channels_last,
+                "reason": self.reason, "step_seconds": dict(self.measured)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PrecisionChoice":
+        precision = None if values["precision"] == "float32" else values["precision"]
+        return cls(precision, values["channels_last"], values["reason"], dict(values["step_seconds"]))
+
+
+def _cell_name(precision: Optional[str], channels_last: bool) -> str:
+    return f"{precision or 'float32'}/{'channels_last' if channels_last else 'contiguous'}"
+
+
+def _precision_candidates(amp: Optional[bool], amp_dtype: str, device: torch.device) -> Tuple[List[Optional[str]], str]:
+    if amp is False:
+        return [None], "amp: false"
     if amp:
-        return amp_dtype, f"amp: true -> {amp_dtype} autocast"
-    return None, "amp: false -> float32"
+        return [amp_dtype], f"amp: true ({amp_dtype})"
+    if has_native_bf16(device):
+        return [None, "bfloat16"], "amp: auto"
+    native = "a GPU with bf16" if device.type == "cuda" else f"CPU flags {' or '.join(sorted(BF16_CPU_FLAGS))}"
+    return [None], f"amp: auto, float32 only ({device.type} lacks native bf16: needs {native})"
+
+
+def _step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Optional[str]) -> None:
+    with torch.autocast(images.device.type, dtype=getattr(torch, precision or "float32"), enabled=precision is not None):
+        loss = F.cross_entropy(model(images).float(), labels)
+    loss.backward()
+
+
+def probe_step_seconds(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       cells: List[Tuple[Optional[str], bool]], repeats: int = 3) -> Dict[str, float]:
+    """Best wall seconds of one forward+backward step (cross-entropy) of ``model`` on ``images`` in each cell.
+
+    Runs on deep copies, one per layout, in training mode, under a forked RNG: the model, its statistics
+    and the random streams are left as they were. Cells are timed in turn (``repeats`` rounds after one
+    warm-up step each), so a slow phase of the machine falls on every cell alike.
+    """
+    sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
+    copies = {}
+    for _, channels_last in cells:
+        if channels_last not in copies:
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            copies[channels_last] = (copy.deepcopy(model).train().to(memory_format=layout),
+                                     images.contiguous(memory_format=layout))
+    best = {_cell_name(*cell): float("inf") for cell in cells}
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for round_ in range(repeats + 1):
+            for precision, channels_last in cells:
+                probe, batch = copies[channels_last]
+                sync()
+                start = time.perf_counter()
+                _step(probe, batch, labels, precision)
+                sync()
+                probe.zero_grad(set_to_none=True)
+                if round_:  # round 0 warms up (oneDNN/cuDNN kernel selection)
+                    name = _cell_name(precision, channels_last)
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def choose_precision(amp: Optional[bool], amp_dtype: str, channels_last: Optional[bool], model: nn.Module,
+                     images: torch.Tensor, labels: torch.Tensor) -> PrecisionChoice:
+    """The precision and layout to train ``model`` in on ``images``' device.
+
+    ``amp``/``channels_last`` None mean auto: every remaining candidate cell is timed by
+    :func:`probe_step_seconds` and the fastest kept, a reduced precision only if it takes at most
+    :data:`REDUCED_PRECISION_MARGIN` of float32's best time. Explicit values are kept as given.
+    """
+    precisions, precision_note = _precision_candidates(amp, amp_dtype, images.device)
+    layouts = [False, True] if channels_last is None and images.dim() == 4 else [bool(channels_last)]
+    layout_note = "channels_last: auto" if len(layouts) > 1 else f"channels_last: {str(layouts[0]).lower()}"
+    cells = [(p, c) for p in precisions for c in layouts]
+    if len(cells) == 1:
+        return PrecisionChoice(*cells[0], f"{precision_note}; {layout_note} -> {_cell_name(*cells[0])}")
+    measured = probe_step_seconds(model, images, labels, cells)
+    chosen = min((measured[_cell_name(p, c)], p, c) for p, c in cells)
+    fp32 = min(((measured[_cell_name(p, c)], p, c) for p, c in cells if p is None), default=None)
+    if fp32 is not None and chosen[1] is not None and chosen[0] > REDUCED_PRECISION_MARGIN * fp32[0]:
+        chosen = fp32
+    timings = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in measured.items())
+    reason = (f"{precision_note}; {layout_note} -> {_cell_name(chosen[1], chosen[2])} (probe, one training step "
+              f"of batch {len(images)}: {timings}; reduced precision needs <= {REDUCED_PRECISION_MARGIN:.0%} "
+              "of float32's time)")
+    return PrecisionChoice(chosen[1], chosen[2], reason, measured)

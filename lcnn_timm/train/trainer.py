@@ -37,7 +37,7 @@ from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_candidat
                          load_checkpoint, save_checkpoint, save_weights)
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
-from .precision import resolve_precision
+from .precision import PrecisionChoice, choose_precision
 from .regularizers import frozen_state
 from .task import AdversarialConfig, LCNNTask
 
@@ -126,8 +126,10 @@ class Trainer:
         self.primary = self.rank == 0
         self.out_dir = output_dir(cfg)  # created by fit(): a run that cannot start leaves nothing behind
         torch.manual_seed(cfg.seed)
+        self.channels_last = False  # until _set_precision
         self._build_data()
-        self._build_model()
+        found = self._find_checkpoint(cfg.resume) if cfg.resume else None
+        self._build_model(found[2].get("precision_choice") if found else None)
         self.meter = MeanMeter()
         self.epoch, self.batch, self.step = 0, 0, 0
         self.epoch_seconds = 0.0  # time in training steps so far this epoch
@@ -137,10 +139,10 @@ class Trainer:
         self.stop_signal: Optional[str] = None  # set by the SIGINT/SIGTERM handler
         self.save_after_step = self.stop_after_step = False
         self._calibrated: Optional[Tuple[int, nn.Module]] = None  # (step, BN-recalibrated copy of the model)
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if found is not None:
+            self._load_checkpoint(*found)
         if self.primary:
-            print(f"precision: {self.precision_reason}", flush=True)
+            print(f"precision: {self.choice.reason}", flush=True)
 
     # ---------------------------------------------------------------- setup
     def _build_data(self) -> None:
@@ -169,8 +171,7 @@ class Trainer:
         self.image_size = tuple(train_x.shape[-2:])
         if cfg.val_num_samples:
             val_x, val_y = val_x[: cfg.val_num_samples], val_y[: cfg.val_num_samples]
-        common = dict(device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last,
-                      rank=self.rank, world_size=self.world_size)
+        common = dict(device=self.device, mean=cfg.mean, std=cfg.std, rank=self.rank, world_size=self.world_size)
         self.train_loader = TensorLoader(
             train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, hflip=0.0 if cfg.no_aug else cfg.hflip,
             padding=0 if cfg.no_aug else cfg.crop_padding, **common)
@@ -179,10 +180,11 @@ class Trainer:
     def _eval_loader(self, images: torch.Tensor, labels: torch.Tensor) -> TensorLoader:
         cfg = self.cfg
         return TensorLoader(images, labels, cfg.validation_batch_size or cfg.batch_size, train=False,
-                            device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last,
+                            device=self.device, mean=cfg.mean, std=cfg.std, channels_last=self.channels_last,
                             rank=self.rank, world_size=self.world_size)
 
-    def _build_model(self) -> None:
+    def _build_model(self, precision_choice: Optional[dict] = None) -> None:
+        """Model, task, optimiser, scheduler; trained in ``precision_choice`` (a resumed run's) or a new choice."""
         import lcnn_timm  # noqa: F401  (registers the LCNN models)
 
         cfg = self.cfg
@@ -196,9 +198,9 @@ class Trainer:
         if cfg.convert:
             model = self._convert(model)
         model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.model = model
+        # before EMA, compile and DDP copy or wrap the model: they then see its final memory layout
+        self._set_precision(PrecisionChoice.from_dict(precision_choice) if precision_choice else self._probe_precision())
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
         adversarial = (AdversarialConfig(cfg.adv_eps, cfg.adv_step, cfg.adv_steps, cfg.adv_true_labels)
                        if cfg.adv_training else None)
@@ -213,10 +215,6 @@ class Trainer:
             cap_gamma(model, self.optimizer, cfg.gamma_cap)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, **scheduler_kwargs(cfg),
                                                 updates_per_epoch=len(self.train_loader))
-        self.precision, self.precision_reason = resolve_precision(cfg.amp, cfg.amp_dtype, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
-        self.autocast = contextlib.nullcontext if self.precision is None else \
-            (lambda: torch.autocast(self.device.type, dtype=getattr(torch, self.precision)))
         if cfg.model_ema:
             self.task.setup_ema(decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
         if cfg.torchcompile:
@@ -224,6 +222,27 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.task.prepare_distributed(device_ids=ids, find_unused_parameters=cfg.ddp_find_unused_parameters)
+
+    def _probe_precision(self) -> PrecisionChoice:
+        """The precision and layout: as configured, or (``auto``) measured on the first training batch."""
+        cfg = self.cfg
+        self.train_loader.set_epoch(0)
+        images, labels = next(iter(self.train_loader))
+        choice = choose_precision(cfg.amp, cfg.amp_dtype, cfg.channels_last, unwrap_model(self.model), images, labels)
+        if self.world_size > 1:  # every rank must train alike: rank 0's measurement decides
+            shared = [choice]
+            dist.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        return choice
+
+    def _set_precision(self, choice: PrecisionChoice) -> None:
+        """Train, evaluate and calibrate in ``choice``'s autocast dtype and memory layout from now on."""
+        self.choice, self.precision, self.channels_last = choice, choice.precision, choice.channels_last
+        self.model.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
+        self.train_loader.channels_last = self.val_loader.channels_last = choice.channels_last
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
+        self.autocast = contextlib.nullcontext if self.precision is None else \
+            (lambda: torch.autocast(self.device.type, dtype=getattr(torch, self.precision)))
 
     def _convert(self, model: nn.Module) -> nn.Module:
         """LCNN-ify a stock timm model (``convert: true``) at the dataset's input size."""
@@ -248,7 +267,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "meter": self.meter.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-            "config": vars(self.cfg),
+            "config": vars(self.cfg), "precision_choice": self.choice.as_dict(),
         }
 
     def save(self) -> None:
@@ -261,17 +280,17 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _resume(self, resume: str) -> None:
-        """``resume``: 'latest' (bare ``--resume``: the output folder's checkpoint, which must exist), 'auto' (the
-        same, or a new run if there is none) or a folder / .safetensors path. An unreadable newest checkpoint
-        falls back to the previous one."""
+    def _find_checkpoint(self, resume: str) -> Optional[Tuple[Path, Dict[str, torch.Tensor], dict]]:
+        """The checkpoint ``resume`` names, read: 'latest' (bare ``--resume``: the output folder's checkpoint, which
+        must exist), 'auto' (the same, or None for a new run if there is none) or a folder / .safetensors path.
+        An unreadable newest checkpoint falls back to the previous one."""
         where = self.out_dir if resume in ("latest", "auto") else Path(resume)
         candidates = checkpoint_candidates(where)
         if not candidates:
             if resume == "auto":
                 if self.primary:
                     print(f"resume: auto: no checkpoint in {where} yet; starting a new run", flush=True)
-                return
+                return None
             raise TrainSetupError(f"--resume: nothing to resume in {where} (no checkpoint there); check output/"
                                   "experiment, or run without --resume to start a new run")
         problems = []
@@ -285,6 +304,10 @@ class Trainer:
                     print(f"resume: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
         else:
             raise TrainSetupError(f"--resume: no readable checkpoint in {where}: {'; '.join(problems)}")
+        return path, weights, state
+
+    def _load_checkpoint(self, path: Path, weights: Dict[str, torch.Tensor], state: dict) -> None:
+        """Continue the run of a checkpoint found by :meth:`_find_checkpoint` exactly where it stopped."""
         model = unwrap_model(self.model)
         mismatch = describe_mismatch(model.state_dict(), weights)
         if mismatch:
@@ -432,6 +455,7 @@ class Trainer:
         row["images_per_s"] = self.train_loader.num_samples * self.world_size / max(self.epoch_seconds, 1e-9)
         row["epoch_seconds"] = self.epoch_seconds
         row["precision"] = self.precision or "float32"
+        row["precision_choice"] = self.choice.as_dict()
         last = self.epoch + 1 == cfg.epochs
         if self.world_size > 1:  # ranks saw different batches: average their BN statistics (timm's dist_bn reduce)
             for ema in (False, True):
@@ -547,7 +571,7 @@ class Trainer:
         full_val = self._eval_loader(*self.full_val)
         result = {"model": self.cfg.model, "dataset": self.cfg.dataset, "split": self.cfg.val_split,
                   "epochs": self.cfg.epochs, "test_images": len(full_val.images), "bn": self.bn_description(),
-                  "precision": self.precision or "float32"}
+                  "precision": self.precision or "float32", "precision_choice": self.choice.as_dict()}
         result.update({f"test_{k}": v for k, v in self.evaluate(full_val).items()})
         if self.task.has_ema():
             result.update({f"test_ema_{k}": v for k, v in self.evaluate(full_val, ema=True).items()})
