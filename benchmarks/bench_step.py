@@ -27,23 +27,28 @@ for those rows includes the compilation.
 ``--channels-last`` puts every model and the batch in channels_last memory format, as the shipped
 configs' ``channels_last: true`` does in training (the reference code itself trains contiguous tensors).
 
+``--cells`` times every variant in each precision x memory-layout cell a user can train in ({fp32, bf16, fp16}
+autocast x {contiguous, channels_last}), all interleaved in one run, and prints one table: each cell's step
+time and its ratio to the ReLU step of the same cell (emulated bf16/fp16 cells are timed too, and marked).
+
 ``--profile`` prints, for every timed variant, how much of one profiled step the convolutions take
 (forward and backward; the same oneDNN kernels in every variant, so a floor none of them can go below),
 then torch.profiler's table of the lcnn step's most expensive ops.
 
     python benchmarks/bench_step.py --reference /tmp/lcnn_ref [--reps 5] [--batch-size 128] [--threads 1]
-        [--dtype fp32|bf16] [--channels-last] [--breakdown] [--compile] [--profile] [--device cpu|cuda]
+        [--dtype fp32|bf16] [--channels-last] [--cells] [--breakdown] [--compile] [--profile] [--device cpu|cuda]
         [--only NAME ...]
 
 Run it from the repository root with ``PYTHONPATH=.`` to time a checkout rather than the installed package.
 """
 import argparse
+import copy
 import os
 import platform
 import sys
 import time
 from functools import partial
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import timm
 import torch
@@ -87,22 +92,25 @@ def _train_keeping_norms_frozen(model: nn.Module, mode: bool = True) -> nn.Modul
     return model
 
 
-def build_variants(reference: Optional[str], breakdown: bool) -> Dict[str, Callable[[], nn.Module]]:
+def build_variants(reference: Optional[str], breakdown: bool, img_size: int = 32) -> Dict[str, Callable[[], nn.Module]]:
+    """Model builders by variant name; the spectrally normalised convs are sized for ``img_size``."""
     plain = dict(norm_layer=partial(nn.BatchNorm2d, affine=False))
+    lcnn = partial(timm.create_model, "lcnn_resnet18", num_classes=NUM_CLASSES, img_size=img_size)
+    cifar = partial(timm.create_model, "cifar_resnet18", num_classes=NUM_CLASSES, img_size=img_size)
     variants = {
         "relu": relu_resnet18,
-        "standard": lambda: timm.create_model("cifar_resnet18", num_classes=NUM_CLASSES),
-        "lcnn": lambda: timm.create_model("lcnn_resnet18", num_classes=NUM_CLASSES),
+        "standard": cifar,
+        "lcnn": lcnn,
     }
     if reference is not None:
         variants["reference"] = partial(reference_resnet18lcnn, reference)
     if breakdown:
         variants.update({
-            "lcnn_no_power_iter": lambda: without_power_iteration(timm.create_model("lcnn_resnet18")),
-            "lcnn_no_conv_sn": lambda: timm.create_model("lcnn_resnet18", conv_spectral_norm=False),
-            "lcnn_bn": lambda: timm.create_model("lcnn_resnet18", **plain),
-            "lcnn_relu_act": lambda: timm.create_model("lcnn_resnet18", act_layer="relu"),
-            "halves_relu": lambda: timm.create_model("cifar_resnet18", act_layer="relu", head_spectral_norm=False),
+            "lcnn_no_power_iter": lambda: without_power_iteration(lcnn()),
+            "lcnn_no_conv_sn": lambda: lcnn(conv_spectral_norm=False),
+            "lcnn_bn": lambda: lcnn(**plain),
+            "lcnn_relu_act": lambda: lcnn(act_layer="relu"),
+            "halves_relu": lambda: cifar(act_layer="relu", head_spectral_norm=False),
         })
     return variants
 
@@ -121,30 +129,82 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     optimizer.zero_grad(set_to_none=True)
 
 
-def step_seconds(models: Dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor, reps: int,
-                 amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Tuple[float, float, float]]:
+def step_seconds(models: Dict[str, nn.Module], images: Union[torch.Tensor, Dict[str, torch.Tensor]],
+                 labels: torch.Tensor, reps: int,
+                 amp_dtype: Union[None, torch.dtype, Dict[str, Optional[torch.dtype]]] = None,
+                 ) -> Dict[str, Tuple[float, float, float]]:
     """(wall, CPU, warm-up wall) seconds of the fastest of ``reps`` training steps per model, interleaved round-robin.
+
+    ``images`` and ``amp_dtype`` are shared, or given per model name (a batch per memory layout, a dtype per cell).
 
     One warm-up step each first (for a compiled model it includes the compilation). The CPU time is this thread's (``time.thread_time``): with one
     intra-op thread it is the step's own work, which other processes on a shared machine do not
     inflate the way they inflate wall time. On CUDA it is not meaningful and equals the wall time.
     """
-    cpu_clock = time.thread_time if images.device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    device = labels.device
+    cpu_clock = time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
     times = {name: [] for name in models}
     warm_up = {}
     for rep in range(reps + 1):
         for name, model in models.items():
-            _sync(images.device)
+            _sync(device)
             wall, cpu = time.perf_counter(), cpu_clock()
-            train_step(model, optimizers[name], images, labels, amp_dtype)
-            _sync(images.device)
+            batch = images[name] if isinstance(images, dict) else images
+            train_step(model, optimizers[name], batch, labels, amp_dtype[name] if isinstance(amp_dtype, dict) else amp_dtype)
+            _sync(batch.device)
             if rep:
                 times[name].append((time.perf_counter() - wall, cpu_clock() - cpu))
             else:
                 warm_up[name] = time.perf_counter() - wall
     return {name: (min(t[0] for t in values), min(t[1] for t in values), warm_up[name])
             for name, values in times.items()}
+
+
+CELL_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CELL_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def native_reduced_precision(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``dtype`` (bf16/fp16) runs natively: oneDNN's ISA checks on CPU, CUDA always (fp16) or per device."""
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+        torch.ops.mkldnn._is_mkldnn_fp16_supported
+    return bool(check())
+
+
+def time_cells(variants: Dict[str, Callable[[], nn.Module]], device: torch.device, batch_size: int, img_size: int,
+               reps: int) -> None:
+    """Print every variant's step in every precision x layout cell, timed in one interleaved run."""
+    torch.manual_seed(0)
+    base = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    models, images, dtypes = {}, {}, {}
+    for variant, build in variants.items():
+        model = build().to(device)
+        for layout, memory_format in CELL_LAYOUTS.items():
+            for precision, dtype in CELL_DTYPES.items():
+                key = f"{variant} {precision}/{layout}"
+                models[key] = copy.deepcopy(model).to(memory_format=memory_format).train()
+                images[key], dtypes[key] = base.contiguous(memory_format=memory_format), dtype
+    seconds = step_seconds(models, images, labels, reps, dtypes)
+    clock = 1 if device.type == "cpu" and torch.get_num_threads() == 1 else 0  # thread CPU time, else wall
+    cells = [f"{p}/{layout}" for layout in CELL_LAYOUTS for p in CELL_DTYPES]
+    emulated = {p for p, d in CELL_DTYPES.items() if d is not None and not native_reduced_precision(d, device)}
+    print(f"step ms ({'thread CPU' if clock else 'wall'} time) and ratio to relu in the same cell"
+          + (f"; emulated here: {', '.join(sorted(emulated))}" if emulated else ""))
+    print(f"{'':>10}" + "".join(f"{cell:>26}" for cell in cells))
+    for variant in variants:
+        row = []
+        for cell in cells:
+            t = seconds[f"{variant} {cell}"][clock]
+            relu = seconds[f"relu {cell}"][clock]
+            row.append(f"{t * 1e3:9.1f} ms {t / relu:5.2f}x relu")
+        print(f"{variant:>10}" + "".join(f"{entry:>26}" for entry in row))
+    fp32 = seconds["relu fp32/contiguous"][clock]
+    print("relu in each cell / relu fp32 contiguous: " + ", ".join(
+        f"{cell} {seconds[f'relu {cell}'][clock] / fp32:.2f}x" for cell in cells))
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -205,6 +265,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also time ablations of lcnn_resnet18")
     parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile (inductor)")
     parser.add_argument("--channels-last", action="store_true", help="models and batch in channels_last memory format")
+    parser.add_argument("--cells", action="store_true",
+                        help="time every variant in each {fp32, bf16, fp16} x {contiguous, channels_last} cell")
     parser.add_argument("--profile", action="store_true",
                         help="print each variant's convolution time and the profiler's op table of one lcnn step")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="time only these variants (relu is always timed)")
@@ -229,12 +291,17 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
-    variants = build_variants(reference, args.breakdown or bool(args.only))
+    variants = build_variants(reference, args.breakdown or bool(args.only), args.img_size)
     if args.only:
         unknown = set(args.only) - set(variants)
         if unknown:
             sys.exit(f"--only: unknown variant(s) {sorted(unknown)}; choose from {sorted(variants)}")
         variants = {name: build for name, build in variants.items() if name == "relu" or name in args.only}
+    if args.cells:
+        print(f"{run_conditions(device)}; batch {args.batch_size}, {args.img_size}x{args.img_size}, {NUM_CLASSES} "
+              f"classes, best of {args.reps} interleaved steps")
+        time_cells(variants, device, args.batch_size, args.img_size, args.reps)
+        return
     models = {name: build().to(device, memory_format=memory_format).train() for name, build in variants.items()}
     if args.compile:
         for name, build in variants.items():

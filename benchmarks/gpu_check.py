@@ -12,6 +12,10 @@ best of ``--reps`` interleaved runs (CUDA-synchronised). Rows:
 * inference ms: eval forward of relu, lcnn, and lcnn frozen (``lcnn_timm.export.freeze``)
 * short training: ``--train-steps`` SGD steps of lcnn_resnet18 on one fixed batch
   (memorisation: the loss must fall), first/last loss and images/s
+* precision parity (``lcnn_timm.train.parity``, the check ``tests/test_precision_matrix.py`` runs on CPU):
+  a 64-step ``lcnn-timm train`` run of lcnn_resnet18_025 per {fp32, bf16, fp16} x {contiguous,
+  channels_last} cell; test accuracy (fp32 learns the task to 100%), the cell's re-estimated BN variances
+  over fp32's re-estimation of the same weights (min-max; 1 = agree) and the saved spectral norms
 
 Usage (about 2-4 minutes on a datacenter GPU, batch 128 at 32x32)::
 
@@ -23,7 +27,9 @@ Run from the repository root with ``PYTHONPATH=.`` to check a checkout instead o
 import argparse
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import timm
@@ -43,6 +49,7 @@ from bench_step import (  # noqa: E402  (the benchmark next to this script)
 
 from lcnn_timm.curvature import estimate_curvature  # noqa: E402
 from lcnn_timm.export import freeze  # noqa: E402
+from lcnn_timm.train.parity import precision_parity  # noqa: E402
 
 
 def _best_of(fns: Dict[str, Callable[[], object]], reps: int, device: torch.device) -> Dict[str, float]:
@@ -127,6 +134,14 @@ def training_rows(args, device, images, labels) -> List[Tuple[str, str]]:
              f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({verdict}), {ips:.1f} img/s incl. a loss re-evaluation")]
 
 
+def parity_rows(args, device) -> List[Tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as directory:
+        rows = precision_parity(Path(directory), str(device))
+    return [(f"parity {row['cell']}", f"test acc {row['test_acc']:.3f}, BN variance / fp32's "
+             f"{row['bn_ratio_min']:.4f}-{row['bn_ratio_max']:.4f}, norm max {row['normalized_layer_norm_max']:.6f}, "
+             f"{row['seconds']:.1f} s") for row in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -154,6 +169,7 @@ def main() -> None:
         lambda: estimator_rows(args, device, images, labels),
         lambda: inference_rows(args, device, images),
         lambda: training_rows(args, device, images, labels),
+        lambda: parity_rows(args, device),
     ):
         rows += section()
     width = max(len(name) for name, _ in rows)

@@ -7,28 +7,18 @@ inputs, stated per precision: a few units of each format's rounding (2^-8 bf16, 
 for a whole network, whose 20 layers each round.
 """
 import copy
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 import lcnn_timm  # noqa: F401  (registers the models)
 from lcnn_timm.export import freeze
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm1d, GammaBatchNorm2d, HalvesResidual, spectral_norm
-from lcnn_timm.train.config import load_config
-from lcnn_timm.train.trainer import Trainer
+from lcnn_timm.train.parity import LAYOUTS, PRECISIONS, bn_statistics_ratio, run_cell, write_row_band_dataset
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_data import _write_idx  # noqa: E402
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-LAYOUTS = ("contiguous", "channels_last")
 CELLS = [(p, m) for p in PRECISIONS for m in LAYOUTS]
 LAYER_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 3e-3}
 NETWORK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.03}
@@ -159,40 +149,21 @@ def test_the_trained_network_is_the_evaluated_network(precision, layout):
     assert _relative(evaluated, trained) < 0.01 + NETWORK_TOLERANCE[precision] / 4
 
 
-def _row_band_dataset(directory: Path) -> Path:
-    """4 classes of 8x8 images: a bright two-row band at rows 2k, 2k+1 (flip-invariant)."""
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 256), ("t10k", 64)):
-        labels = rng.integers(0, 4, n)
-        images = rng.integers(0, 100, (n, 8, 8))
-        for i, label in enumerate(labels):
-            images[i, 2 * label: 2 * label + 2, :] += 150
-        _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def cell_runs(tmp_path_factory):
     """One short lcnn-timm training run (lcnn_resnet18_025, 64 steps, precise BN) per cell, from one seed."""
-    data = _row_band_dataset(tmp_path_factory.mktemp("rows"))
+    data = write_row_band_dataset(tmp_path_factory.mktemp("rows"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same reductions in every run
-    runs = {}
-    for precision, layout in CELLS:
-        out = tmp_path_factory.mktemp(f"{precision}_{layout}")
-        cfg = load_config(None, dict(
-            model="lcnn_resnet18_025", model_kwargs={"img_size": 8}, dataset="fashion_mnist", data_dir=str(data),
-            num_classes=4, in_chans=1, mean=[0.0], std=[1.0], crop_padding=0, epochs=8, batch_size=32, lr=0.05,
-            decay_milestones=[7], beta_weight=1e-3, gamma_weight=1e-3, precise_bn_batches=4, output=str(out),
-            progress=False, plot=False, amp=precision != "float32", amp_dtype="bfloat16" if precision == "float32"
-            else precision, channels_last=layout == "channels_last"))
-        trainer = Trainer(cfg)
-        runs[precision, layout] = (trainer, trainer.fit(), out)
+    try:
+        runs = {}
+        for precision, layout in CELLS:
+            out = tmp_path_factory.mktemp(f"{precision}_{layout}")
+            trainer, result, _ = run_cell(data, out, precision, layout)
+            runs[precision, layout] = (trainer, result, out)
+    finally:
+        torch.set_num_threads(threads)
     return runs
-
-
-def _running_variances(weights):
-    return {k: v for k, v in weights.items() if k.endswith("running_var")}
 
 
 @pytest.mark.parametrize("precision,layout", CELLS)
@@ -206,12 +177,9 @@ def test_training_in_every_cell_agrees_with_float32(cell_runs, precision, layout
     assert result["normalized_layer_norm_max"] == pytest.approx(1.0, abs=1e-4)  # converged in every cell
     # BN re-estimation (the step that went wrong in issue 22, where it left variances 10-30x too small): the cell's
     # statistics equal float32's re-estimation of the same weights on the same batches, within rounding
-    refit = copy.deepcopy(trainer.model).to(memory_format=torch.contiguous_format)
-    reference_trainer.recalibrate_batchnorm(trainer.cfg.precise_bn_batches, refit)
-    saved, expected = _running_variances(load_file(str(out / "model.safetensors"))), _running_variances(refit.state_dict())
-    ratios = torch.cat([saved[k] / expected[k] for k in expected])
-    assert len(saved) == 20 and ratios.min() > 1 - STATISTICS_TOLERANCE[precision] and \
-        ratios.max() < 1 + STATISTICS_TOLERANCE[precision], (ratios.min(), ratios.max())
+    ratios = bn_statistics_ratio(trainer, reference_trainer)
+    assert 1 - STATISTICS_TOLERANCE[precision] < ratios.min() and ratios.max() < 1 + STATISTICS_TOLERANCE[precision], \
+        (ratios.min(), ratios.max())
     # the checkpoint round trip: the saved file is the trained model, and a fresh model loads it exactly
     model = timm.create_model("lcnn_resnet18_025", num_classes=4, in_chans=1, img_size=8)
     model.load_state_dict(load_file(str(out / "model.safetensors")))
