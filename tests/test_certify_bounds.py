@@ -181,3 +181,66 @@ def test_errors_name_the_problem():
         certify(nn.Sequential(nn.MultiheadAttention(4, 1)).eval())
     with pytest.raises(ValueError, match=r"normalised for input size \(6, 5\) but sees \(8, 8\)"):
         certify(cnn(0), input_shape=(1, 8, 8))
+
+
+# ---- issue 23, section 1: structures the walk used to misread
+
+
+def _linear_net_lipschitz(net, dim):
+    """Exact Lipschitz constant of z_0 - z_1 for a net that is linear in eval mode (its input gradient is constant)."""
+    x = torch.zeros(1, dim, dtype=torch.float64, requires_grad=True)
+    out = net(x)
+    (grad,) = torch.autograd.grad(out[0, 0] - out[0, 1], x)
+    return grad.norm().item()
+
+
+class ScaledChain(nn.Sequential):  # the issue's counterexample: a Sequential subclass with its own forward
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+class ResidualChain(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [ScaledChain, ResidualChain])
+def test_sequential_subclass_with_its_own_forward_is_refused(cls):
+    torch.manual_seed(0)
+    net = nn.Sequential(cls(sn_linear(3, 3, 50), CenteredSoftplus(2.0)), sn_linear(3, 2, 50)).double().eval()
+    with pytest.raises(UnsupportedStructureError, match="overrides forward"):
+        certify(net)
+
+
+def test_a_module_listed_twice_counts_twice():
+    bn = GammaBatchNorm1d(3, gamma=5.0).double()
+    bn.running_var.fill_(0.01)  # 1/sqrt(var) = 10 > gamma: Lipschitz exactly 5
+    torch.manual_seed(0)
+    net = nn.Sequential(sn_linear(3, 3, 50), bn, bn, sn_linear(3, 2, 50)).double().eval()
+    exact = _linear_net_lipschitz(net, 3)
+    assert exact > 20  # two passes through bn
+    assert certify(net).lipschitz[0, 1].item() >= exact * (1 - 1e-9)
+
+
+def test_a_module_in_training_mode_inside_an_eval_model_is_refused():
+    from lcnn_timm.certify.radius import certified_radii
+
+    net = mlp(0)
+    certificate = certify(net)
+    net[1].train()  # a gamma-BN: a forward would update its running statistics
+    statistics = net[1].running_mean.clone()
+    with pytest.raises(ValueError, match=r"^1 is in training mode"):
+        certify(net)
+    with pytest.raises(ValueError, match="training mode"):
+        certified_radii(net, torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), certificate)
+    assert torch.equal(net[1].running_mean, statistics)
+
+
+@pytest.mark.parametrize("input_scale,output_scale", [(1.0, 1.0), (2.0, -0.75)])
+def test_halves_block_scales_are_read_from_the_instance(input_scale, output_scale):
+    torch.manual_seed(0)
+    block = HalvesResidual(nn.Sequential(sn_linear(3, 3, 50)), sn_linear(3, 3, 50))
+    block.input_scale, block.output_scale = input_scale, output_scale
+    net = nn.Sequential(block, sn_linear(3, 2, 50)).double().eval()
+    exact = _linear_net_lipschitz(net, 3)
+    assert certify(net).lipschitz[0, 1].item() >= exact * (1 - 1e-9)

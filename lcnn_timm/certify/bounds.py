@@ -11,8 +11,8 @@ elementwise); eval-mode gamma-BN ``(min(gamma, ||BN||), 0)``; spectrally
 normalised conv/linear ``(certified norm of W / sigma, 0)`` (Gram iteration,
 :mod:`.operator_norm`); average pooling ``(sqrt(max row sum * max column sum), 0)``
 (Schur test, exact for global average pooling); identity/flatten/dropout ``(1, 0)``.
-Halves block ``x -> act((F(x/sqrt2) + S(x/sqrt2)) / 2)``: the sum has
-``L <= (L_F + L_S) / (2 sqrt 2)`` and ``H <= (H_F + H_S) / 4``, then the activation.
+Halves block ``x -> act(b (F(a x) + S(a x)))`` (``a = 1/sqrt 2``, ``b = 1/2`` unless the instance sets its own):
+the sum has ``L <= |a| |b| (L_F + L_S)`` and ``H <= a^2 |b| (H_F + H_S)``, then the activation.
 
 For ``z_i - z_j`` with a final linear layer ``W``: ``L_ij <= ||w_i - w_j|| L(phi)``
 and ``H_ij <= ||w_i - w_j|| H(phi)``, ``phi`` the features; otherwise ``sqrt 2`` times
@@ -22,18 +22,19 @@ norms were computed for, over all of R^n (no clipping to [0, 1] assumed).
 """
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm, _lipschitz
+from ..layers.halves_residual import HalvesResidual
 from ..layers.spectral_norm import ConvOperator, _norm_and_input, is_spectral_normalized
 from .operator_norm import DEFAULT_GRAM_ITERATIONS, layer_norm_bound
 from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
 
-__all__ = ["Certificate", "MapBound", "certify", "model_input_shape"]
+__all__ = ["Certificate", "MapBound", "certify", "check_eval_mode", "model_input_shape"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def average_pool_lipschitz(pool: nn.Module, input_shape: Sequence[int]) -> torch
 class _CertifiedRules(Rules[MapBound]):
     identity = MapBound(_scalar(1.0), _scalar(0.0))
 
-    def __init__(self, input_shapes: Dict[int, Tuple[int, ...]], iterations: int):
+    def __init__(self, input_shapes: Dict[int, Set[Tuple[int, ...]]], iterations: int):
         self.input_shapes = input_shapes
         self.iterations = iterations
         self.layers: List[Tuple[str, MapBound]] = []
@@ -101,7 +102,11 @@ class _CertifiedRules(Rules[MapBound]):
     def _input_shape(self, module: nn.Module, name: str) -> Tuple[int, ...]:
         if id(module) not in self.input_shapes:
             raise ValueError(f"{name} ({type(module).__name__}) is not called in the model's forward pass")
-        return self.input_shapes[id(module)]
+        shapes = self.input_shapes[id(module)]
+        if len(shapes) > 1:  # one module called at several sizes: its bound would depend on the call
+            raise ValueError(f"{name} ({type(module).__name__}) is called on inputs of several shapes "
+                             f"{sorted(shapes)}; certify needs one shape per module")
+        return next(iter(shapes))
 
     def _value(self, module: nn.Module, name: str) -> MapBound:
         if isinstance(module, CenteredSoftplus):
@@ -129,9 +134,20 @@ class _CertifiedRules(Rules[MapBound]):
     def then(self, first: MapBound, second: MapBound) -> MapBound:
         return _then(first, second)
 
-    def halves(self, residual: MapBound, shortcut: MapBound) -> MapBound:
-        return MapBound((residual.lipschitz + shortcut.lipschitz) / (2.0 * math.sqrt(2.0)),
-                        (residual.hessian + shortcut.hessian) / 4.0)
+    def halves(self, residual: MapBound, shortcut: MapBound, block: HalvesResidual) -> MapBound:
+        # the instance's own scales (class defaults 1/sqrt 2 and 1/2 give (L_F + L_S) / (2 sqrt 2), (H_F + H_S) / 4)
+        a, b = abs(float(block.input_scale)), abs(float(block.output_scale))
+        return MapBound((residual.lipschitz + shortcut.lipschitz) * (a * b),
+                        (residual.hessian + shortcut.hessian) * (a * a * b))
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Refuse a model any of whose modules is in training mode (a BatchNorm or Dropout inside an eval model
+    included): the bounds are for the eval-mode function, and a training-mode forward updates statistics."""
+    training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise ValueError(f"{training} is in training mode: call model.eval() first (the certificate is for the "
+                         "eval-mode function, with BatchNorm running statistics)")
 
 
 def model_input_shape(model: nn.Module) -> Tuple[int, ...]:
@@ -143,13 +159,14 @@ def model_input_shape(model: nn.Module) -> Tuple[int, ...]:
                      "pass input_shape")
 
 
-def _record_shapes(model: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[Dict[int, Tuple[int, ...]], int]:
-    """Every module's input shape (by ``id``, without batch) in one forward pass, and the number of outputs."""
-    shapes: Dict[int, Tuple[int, ...]] = {}
+def _record_shapes(model: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[Dict[int, Set[Tuple[int, ...]]], int]:
+    """Every module's input shapes (by ``id``, without batch; a module called twice may see two) in one forward
+    pass, and the number of outputs."""
+    shapes: Dict[int, Set[Tuple[int, ...]]] = {}
 
     def hook(module, args):
         if args and isinstance(args[0], torch.Tensor):  # parametrizations are called without arguments
-            shapes[id(module)] = tuple(args[0].shape[1:])
+            shapes.setdefault(id(module), set()).add(tuple(args[0].shape[1:]))
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
     try:
@@ -176,9 +193,7 @@ def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
     Raises:
         UnsupportedStructureError: naming the first module outside the theory.
     """
-    if model.training:
-        raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() first (the certificate is "
-                         "for the eval-mode function, with BatchNorm running statistics)")
+    check_eval_mode(model)
     name = type(model).__name__
     check_structure(model, name)  # before anything runs
     layers = flatten_chain(model, name)

@@ -16,7 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .bounds import Certificate
+from .bounds import Certificate, check_eval_mode
 
 __all__ = ["certified_radii", "curvature_radius"]
 
@@ -41,6 +41,7 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     0 for a misclassified example (or a tie); the prediction is the same for every input
     at L2 distance strictly below it.
     """
+    check_eval_mode(model)
     x = images.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)

@@ -30,12 +30,21 @@ class UnsupportedStructureError(ValueError):
     """The model contains a layer or a connection the LCNN theory does not cover."""
 
 
+def runs_as_chain(module: nn.Module) -> bool:
+    """True for ``nn.Sequential`` and subclasses that keep its ``forward`` (one that overrides it, e.g. to scale or
+    add a residual, is not a plain chain whatever its children)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def chain_children(module: nn.Module, name: str) -> Optional[List[Named]]:
-    """``module``'s layers in forward order if it is a chain, else None."""
+    """``module``'s layers in forward order if it is a chain, else None.
+
+    Every entry counts, a module listed twice included (it runs twice); ``named_children()`` would skip the repeat.
+    """
     if hasattr(module, "bound_chain"):  # models declare their forward order
         return [(f"{name}.{child_name}", child) for child_name, child in module.bound_chain()]
-    if isinstance(module, nn.Sequential):
-        return [(f"{name}.{child_name}", child) for child_name, child in module.named_children()]
+    if runs_as_chain(module):
+        return [(f"{name}.{child_name}", child) for child_name, child in module._modules.items() if child is not None]
     return None
 
 
@@ -93,9 +102,10 @@ def unsupported(module: nn.Module, name: str) -> UnsupportedStructureError:
     if found is not None:
         sub_name, sub, reason = found
         return UnsupportedStructureError(f"{sub_name} ({type(sub).__name__}) {reason}")
+    overrides = " (an nn.Sequential subclass that overrides forward)" if isinstance(module, nn.Sequential) else ""
     return UnsupportedStructureError(
-        f"{name} ({type(module).__name__}) is neither a chain nor a halves block: it has no bound_chain() giving "
-        "its forward order, so its connections (e.g. residual additions) are unknown to the LCNN theory"
+        f"{name} ({type(module).__name__}){overrides} is neither a chain nor a halves block: it has no bound_chain() "
+        "giving its forward order, so its connections (e.g. residual additions) are unknown to the LCNN theory"
     )
 
 
@@ -111,8 +121,9 @@ class Rules(Generic[T]):
         """Value of ``second o first``."""
         return self.identity
 
-    def halves(self, residual: T, shortcut: T) -> T:
-        """Value of ``x -> (F(x / sqrt 2) + S(x / sqrt 2)) / 2`` (before the block's activation)."""
+    def halves(self, residual: T, shortcut: T, block: HalvesResidual) -> T:
+        """Value of ``x -> b (F(a x) + S(a x))`` (before the block's activation), ``a = block.input_scale`` and
+        ``b = block.output_scale`` (``1/sqrt 2`` and ``1/2`` unless an instance sets its own)."""
         return self.identity
 
 
@@ -125,7 +136,7 @@ def compose(module: nn.Module, name: str, rules: Rules[T]) -> T:
     """Fold ``rules`` over ``module`` in forward order."""
     if isinstance(module, HalvesResidual):
         branches = rules.halves(compose(module.residual, f"{name}.residual", rules),
-                                compose(module.shortcut, f"{name}.shortcut", rules))
+                                compose(module.shortcut, f"{name}.shortcut", rules), module)
         return rules.then(branches, compose(module.act, f"{name}.act", rules))
     children = chain_children(module, name)
     if children is not None:

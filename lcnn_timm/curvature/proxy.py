@@ -20,7 +20,6 @@ expression equal to 5 but ``f'(0) = 0``, ``f''(0) = 0.884``: ``C_f(0) = 8.8e5``
 Covered layers are those of :mod:`lcnn_timm.certify.structure`; anything else raises
 :class:`UnsupportedStructureError` naming the first offending module.
 """
-import math
 from typing import NamedTuple
 
 import torch
@@ -57,10 +56,12 @@ class _ProxyRules(Rules[ProxyTerms]):
     def then(self, first: ProxyTerms, second: ProxyTerms) -> ProxyTerms:
         return first.then(second)
 
-    def halves(self, residual: ProxyTerms, shortcut: ProxyTerms) -> ProxyTerms:
+    def halves(self, residual: ProxyTerms, shortcut: ProxyTerms, block) -> ProxyTerms:
         branches = ProxyTerms(torch.maximum(residual.lipschitz, shortcut.lipschitz),
                               torch.maximum(residual.curvature, shortcut.curvature))
-        return branches.then(ProxyTerms(torch.tensor(1.0 / math.sqrt(2.0)), torch.tensor(0.0)))
+        # duplication x -> (a x, a x) has norm a sqrt 2, the merge b (u + v) norm b sqrt 2: 1/sqrt 2 by default
+        merge = 2.0 * abs(float(block.input_scale)) * abs(float(block.output_scale))
+        return branches.then(ProxyTerms(torch.tensor(merge), torch.tensor(0.0)))
 
 
 def layer_proxy(module: nn.Module, name: str = "model") -> ProxyTerms:
