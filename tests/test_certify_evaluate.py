@@ -1,4 +1,5 @@
 """The ``certified`` metric of ``lcnn-timm evaluate``, the card rows it feeds, and the gamma cap."""
+import copy
 import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,8 +28,9 @@ def test_certified_metric_on_a_normalized_lcnn():
     model = NormalizedModel(inner, [0.5], [0.25]).eval()
     block = run_metric("certified", model, eval_data(), MetricOptions(pgd_eps=(0.0, 0.1), progress=False))
     assert "certified" in DEFAULT_METRICS and block["supported"] and block["count"] == 6
-    # the normalisation multiplies every Lipschitz bound by 1 / std = 4
-    inner_bound = certify(inner).lipschitz
+    # the normalisation multiplies every Lipschitz bound by 1 / std = 4; the metric certifies the float64 copy it
+    # evaluates
+    inner_bound = certify(copy.deepcopy(inner).double()).lipschitz
     assert abs(block["lipschitz_bound"]["max"] - 4 * inner_bound.max().item()) < 1e-9 * inner_bound.max().item()
     levels = block["levels"]
     assert [level["eps"] for level in levels] == [0.0, 0.1]
@@ -86,3 +88,30 @@ def test_radii_of_the_certified_model_are_invariant_to_batching():
     together = certified_radii(model, x, y, certificate)["combined"]
     alone = torch.cat([certified_radii(model, x[i : i + 1], y[i : i + 1], certificate)["combined"] for i in range(4)])
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=0)
+
+
+def test_certified_radii_never_exceed_the_evaluated_models_exact_radii():
+    """A linear classifier's exact L2 radius is min_j m_j / ||w_y - w_j|| of the float64 function evaluated. The
+    certificate used to bound the float32 weights while a float64 copy (sigma recomputed) was evaluated: 1e-7
+    apart, and points inside some certified balls changed class (issue 23)."""
+    from lcnn_timm.certify.evaluate import certified_radii_over
+    from lcnn_timm.layers import spectral_norm
+
+    torch.manual_seed(0)
+    model = spectral_norm(torch.nn.Linear(20, 5), init_iterations=0).eval()  # sigma from unconverged vectors
+    images = torch.randn(400, 20)
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # every example classified correctly: every radius is positive
+    _, radii = certified_radii_over(model, DataLoader(TensorDataset(images, labels), batch_size=100), model,
+                                    progress=False)
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        logits, weight = model64(images.double()), model64.weight.double()
+    rows = torch.arange(len(labels))
+    margins = logits[rows, labels, None] - logits
+    distances = (weight[labels][:, None, :] - weight[None]).norm(dim=-1)
+    exact = torch.where(margins > 0, margins / distances, torch.full_like(margins, float("inf")))
+    exact[rows, labels] = float("inf")
+    exact = torch.where((margins < 0).any(1), torch.zeros_like(margins[:, 0]), exact.amin(1))
+    assert (radii["combined"] > 0).sum() > 300
+    assert (radii["combined"] <= exact).all(), (radii["combined"] / exact).max()

@@ -31,7 +31,7 @@ from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm, _lipschitz
 from ..layers.halves_residual import HalvesResidual
 from ..layers.spectral_norm import ConvOperator, _norm_and_input, is_spectral_normalized
-from .operator_norm import DEFAULT_GRAM_ITERATIONS, layer_norm_bound
+from .operator_norm import DEFAULT_GRAM_ITERATIONS, ROUNDING_MARGIN, layer_norm_bound
 from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
 
 __all__ = ["Certificate", "MapBound", "certify", "check_eval_mode", "model_input_shape"]
@@ -207,7 +207,8 @@ def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
     if isinstance(head, nn.Linear):
         logits = _then(phi, compose(head, head_name, rules))
         weight = head.weight.detach().double()
-        rows = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")  # ||w_i - w_j||
+        # ||w_i - w_j||, raised past the rounding of the distance itself
+        rows = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * (1.0 + ROUNDING_MARGIN)
     else:
         logits = phi
         rows = math.sqrt(2.0) * (1.0 - torch.eye(outputs, dtype=torch.float64))  # ||e_i - e_j|| = sqrt 2

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .bounds import Certificate, check_eval_mode
+from .operator_norm import ROUNDING_MARGIN
 
 __all__ = ["certified_radii", "curvature_radius"]
 
@@ -51,8 +52,12 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                                 for c in range(classes)], dim=1)
     logits = logits.detach()
     rows = torch.arange(len(labels), device=labels.device)
-    margins = logits[rows, labels, None] - logits  # (B, C): z_y - z_j
-    grad_norms = (jacobian[rows, labels, None] - jacobian).norm(dim=-1)
+    # the computed margins and gradient norms carry the forward's and backward's rounding: lower the margins and
+    # raise the gradient norms past it (relative 1e-9 in float64, 64 units of the last place in lower precision),
+    # so a radius never exceeds the exact one of the function evaluated
+    rounding = max(ROUNDING_MARGIN, 64 * torch.finfo(logits.dtype).eps)
+    margins = logits[rows, labels, None] - logits - rounding * (logits[rows, labels, None].abs() + logits.abs())
+    grad_norms = (jacobian[rows, labels, None] - jacobian).norm(dim=-1) * (1.0 + rounding)
     lipschitz = certificate.lipschitz.to(logits)[labels]
     hessian = certificate.hessian.to(logits)[labels]
     first = torch.where(margins > 0, margins / lipschitz, torch.zeros_like(margins))
