@@ -251,3 +251,20 @@ def test_global_pool_follows_timm():
     assert vgg.fc.in_features == 16 and vgg(x).shape == (2, 3)
     with pytest.raises(ValueError, match="num_classes=0"):
         timm.create_model("lcnn_resnet18", global_pool="", **SMALL)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, (3, 32, 32)),
+    ({"in_chans": 1, "img_size": 8}, (1, 8, 8)),
+    ({"img_size": (12, 16)}, (3, 12, 16)),
+])
+def test_pretrained_cfg_input_size_is_the_built_size(kwargs, expected):
+    """timm's data pipeline and ``lcnn-timm evaluate`` read the input size from pretrained_cfg: it must be the size
+    the spectral norms were computed for, not the registry default (issue 23)."""
+    from timm.data import resolve_model_data_config
+
+    model = timm.create_model("lcnn_resnet18", num_classes=4, **kwargs)
+    config = resolve_model_data_config(model)
+    assert model.pretrained_cfg["input_size"] == model.default_cfg["input_size"] == config["input_size"] == expected
+    assert len(config["mean"]) == len(config["std"]) == expected[0]
+    model.eval()(torch.rand(1, *config["input_size"]))  # the size it reports is one it runs at without a warning

@@ -200,7 +200,22 @@ def create_cifar_model(model_cls: type, variant: str, pretrained: bool = False, 
         raise failure
     if penalty is not None:
         add_penalty_to_backward(model, *penalty_weights(penalty))
+    _record_input_size(model, kwargs.get("in_chans"), kwargs.get("img_size"))
     return model
+
+
+def _record_input_size(model: nn.Module, in_chans: Optional[int], img_size: Any) -> None:
+    """Make ``pretrained_cfg['input_size']`` the size the model was built for (timm's data pipeline and
+    ``lcnn-timm evaluate`` read it): the spectrally normalised convs only hold their norm at that size."""
+    channels, height, width = model.pretrained_cfg["input_size"]
+    if img_size is not None:
+        height, width = spatial_size(img_size)
+    cfg = dict(model.pretrained_cfg, input_size=(in_chans or channels, height, width))
+    if in_chans and in_chans != channels:  # one mean/std per channel: their average, repeated
+        for key in ("mean", "std"):
+            values = tuple(cfg[key])
+            cfg[key] = (sum(values) / len(values),) * in_chans
+    model.pretrained_cfg = model.default_cfg = cfg  # timm keeps both names
 
 
 class CifarClassifier(nn.Module):
