@@ -48,7 +48,7 @@ import platform
 import sys
 import time
 from functools import partial
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -175,7 +175,7 @@ def native_reduced_precision(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def time_cells(variants: Dict[str, Callable[[], nn.Module]], device: torch.device, batch_size: int, img_size: int,
-               reps: int) -> None:
+               reps: int, precisions: Sequence[str] = tuple(CELL_DTYPES)) -> None:
     """Print every variant's step in every precision x layout cell, timed in one interleaved run."""
     torch.manual_seed(0)
     base = torch.randn(batch_size, 3, img_size, img_size, device=device)
@@ -184,14 +184,15 @@ def time_cells(variants: Dict[str, Callable[[], nn.Module]], device: torch.devic
     for variant, build in variants.items():
         model = build().to(device)
         for layout, memory_format in CELL_LAYOUTS.items():
-            for precision, dtype in CELL_DTYPES.items():
+            for precision in precisions:
+                dtype = CELL_DTYPES[precision]
                 key = f"{variant} {precision}/{layout}"
                 models[key] = copy.deepcopy(model).to(memory_format=memory_format).train()
                 images[key], dtypes[key] = base.contiguous(memory_format=memory_format), dtype
     seconds = step_seconds(models, images, labels, reps, dtypes)
     clock = 1 if device.type == "cpu" and torch.get_num_threads() == 1 else 0  # thread CPU time, else wall
-    cells = [f"{p}/{layout}" for layout in CELL_LAYOUTS for p in CELL_DTYPES]
-    emulated = {p for p, d in CELL_DTYPES.items() if d is not None and not native_reduced_precision(d, device)}
+    cells = [f"{p}/{layout}" for layout in CELL_LAYOUTS for p in precisions]
+    emulated = {p for p in precisions if CELL_DTYPES[p] is not None and not native_reduced_precision(CELL_DTYPES[p], device)}
     print(f"step ms ({'thread CPU' if clock else 'wall'} time) and ratio to relu in the same cell"
           + (f"; emulated here: {', '.join(sorted(emulated))}" if emulated else ""))
     print(f"{'':>10}" + "".join(f"{cell:>26}" for cell in cells))
@@ -202,9 +203,9 @@ def time_cells(variants: Dict[str, Callable[[], nn.Module]], device: torch.devic
             relu = seconds[f"relu {cell}"][clock]
             row.append(f"{t * 1e3:9.1f} ms {t / relu:5.2f}x relu")
         print(f"{variant:>10}" + "".join(f"{entry:>26}" for entry in row))
-    fp32 = seconds["relu fp32/contiguous"][clock]
-    print("relu in each cell / relu fp32 contiguous: " + ", ".join(
-        f"{cell} {seconds[f'relu {cell}'][clock] / fp32:.2f}x" for cell in cells))
+    first = cells[0]
+    print(f"relu in each cell / relu {first}: " + ", ".join(
+        f"{cell} {seconds[f'relu {cell}'][clock] / seconds[f'relu {first}'][clock]:.2f}x" for cell in cells))
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -267,6 +268,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="models and batch in channels_last memory format")
     parser.add_argument("--cells", action="store_true",
                         help="time every variant in each {fp32, bf16, fp16} x {contiguous, channels_last} cell")
+    parser.add_argument("--precisions", nargs="+", choices=tuple(CELL_DTYPES), default=tuple(CELL_DTYPES),
+                        help="the precisions --cells times (fp16 autocast training on a CPU can take minutes a step)")
     parser.add_argument("--profile", action="store_true",
                         help="print each variant's convolution time and the profiler's op table of one lcnn step")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="time only these variants (relu is always timed)")
@@ -300,7 +303,7 @@ def main() -> None:
     if args.cells:
         print(f"{run_conditions(device)}; batch {args.batch_size}, {args.img_size}x{args.img_size}, {NUM_CLASSES} "
               f"classes, best of {args.reps} interleaved steps")
-        time_cells(variants, device, args.batch_size, args.img_size, args.reps)
+        time_cells(variants, device, args.batch_size, args.img_size, args.reps, args.precisions)
         return
     models = {name: build().to(device, memory_format=memory_format).train() for name, build in variants.items()}
     if args.compile:

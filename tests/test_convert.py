@@ -336,3 +336,25 @@ def test_default_input_size_and_argument_errors():
     same, _ = convert_model(model, input_size=(3, 32, 32), inplace=True)
     assert same is model and isinstance(model.act1, CenteredSoftplus)
     assert math.isclose(model.act1.beta.item(), 5.0, rel_tol=1e-6)
+
+
+def test_converted_model_keeps_timm_conventions():
+    """pretrained_cfg says the conversion size, and reset_classifier installs an LCNN head (it installed a plain
+    nn.Linear, silently leaving the LCNN form; issue 24), on a copy without touching the original."""
+    import copy
+
+    import timm
+    from timm.data import resolve_model_data_config
+
+    from lcnn_timm import convert_model
+    from lcnn_timm.layers import is_spectral_normalized
+
+    model, _ = convert_model(timm.create_model("resnet18", num_classes=10), input_size=(3, 64, 64))
+    assert model.pretrained_cfg["input_size"] == resolve_model_data_config(model)["input_size"] == (3, 64, 64)
+    other = copy.deepcopy(model)
+    other.reset_classifier(5)
+    assert is_spectral_normalized(other.fc) and other.fc.out_features == 5
+    assert torch.linalg.matrix_norm(other.fc.weight.detach().double(), 2).item() == pytest.approx(1.0, rel=1e-5)
+    assert model.fc.out_features == 10 and other.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 5)
+    other.reset_classifier(0)
+    assert other.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 512)

@@ -1,6 +1,7 @@
 """``convert_model``: turn a timm (or any torch) model into a Low-Curvature Neural Network."""
 import copy
 import math
+import types
 from typing import Optional, Sequence, Set, Tuple
 
 from torch import nn
@@ -101,4 +102,26 @@ def convert_model(
     _audit(model, report)
     for scaling in scalings:
         report.leave(*scaling)
+    _keep_timm_conventions(model, input_size, beta, init_iterations)
     return model, report
+
+
+def _keep_timm_conventions(model: nn.Module, input_size: Tuple[int, int, int], beta: float,
+                           init_iterations: int) -> None:
+    """What timm reads from a model stays true after conversion: ``pretrained_cfg['input_size']`` is the
+    conversion size (the spectral norms hold there only), and ``reset_classifier`` installs an LCNN head."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        model.pretrained_cfg = model.default_cfg = dict(cfg, input_size=tuple(input_size))
+    if callable(getattr(type(model), "reset_classifier", None)):
+        model._lcnn_conversion = dict(input_size=tuple(input_size), beta=beta, init_iterations=init_iterations)
+        model.reset_classifier = types.MethodType(_lcnn_reset_classifier, model)
+
+
+def _lcnn_reset_classifier(self: nn.Module, num_classes: int, *args, **kwargs) -> None:
+    """timm's ``reset_classifier``, then the new head converted like the rest of the model (its activations
+    centered softplus, its conv/linear layers spectrally normalised). Bound per instance by ``convert_model``."""
+    type(self).reset_classifier(self, num_classes, *args, **kwargs)
+    settings, report = self._lcnn_conversion, ConversionReport()
+    replace_activations(self, settings["beta"], report)
+    normalize_layers(self, probe(self, settings["input_size"]), settings["init_iterations"], report)
