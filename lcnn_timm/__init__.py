@@ -1,8 +1,9 @@
 """lcnn-timm: Low-Curvature Neural Networks for timm.
 
-``import lcnn_timm`` registers the LCNN models in timm's registry.
+``import lcnn_timm`` registers the LCNN models in timm's registry and exposes the documented submodules
+(``lcnn_timm.export.freeze``, ``lcnn_timm.train.Trainer``, ...) without further imports.
 """
-from . import certify, hub, layers
+from . import certify, convert, curvature, data, evaluation, export, hub, layers, robustness, train
 from . import models  # registers the models with timm
 from .convert import ConversionReport, convert_model
 from .curvature import curvature_penalty, curvature_proxy

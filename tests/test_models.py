@@ -268,3 +268,14 @@ def test_pretrained_cfg_input_size_is_the_built_size(kwargs, expected):
     assert model.pretrained_cfg["input_size"] == model.default_cfg["input_size"] == config["input_size"] == expected
     assert len(config["mean"]) == len(config["std"]) == expected[0]
     model.eval()(torch.rand(1, *config["input_size"]))  # the size it reports is one it runs at without a warning
+
+
+def test_import_exposes_the_documented_submodules():
+    """``lcnn_timm.export.freeze(model)`` after a bare ``import lcnn_timm`` (docs/models.md) raised AttributeError;
+    checked in a fresh interpreter, where no test has imported the submodules yet."""
+    import subprocess
+    import sys
+
+    names = ["certify", "convert", "curvature", "data", "evaluation", "export", "hub", "layers", "robustness", "train"]
+    code = f"import lcnn_timm, types; assert all(isinstance(getattr(lcnn_timm, n), types.ModuleType) for n in {names})"
+    subprocess.run([sys.executable, "-c", code], check=True)
