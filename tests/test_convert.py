@@ -358,3 +358,26 @@ def test_converted_model_keeps_timm_conventions():
     assert model.fc.out_features == 10 and other.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 5)
     other.reset_classifier(0)
     assert other.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 512)
+
+
+def test_zero_initialised_operators_are_revived_before_normalisation():
+    """A zero weight (resmlp's head) or zero gain (NF nets' last conv) has sigma = 0: W / sigma is undefined and its
+    gradient 1 / sigma (2e12 in resmlp_12, which then diverged; issue 24). The converter revives them, says so, and
+    the first step's gradients stay moderate; spectral_norm itself refuses a zero weight."""
+    from lcnn_timm.layers import spectral_norm
+
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(3, 4, 3, padding=1)
+    conv.gain.data.zero_()
+    head = nn.Linear(4, 5)
+    head.weight.data.zero_()
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    converted, report = convert_model(model, input_size=(3, 8, 8))
+    text = str(report)
+    assert "zero-initialised gain set to 1" in text and "zero-initialised weight re-initialised" in text
+    loss = F.cross_entropy(converted.train()(torch.rand(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    largest = max(p.grad.abs().max().item() for p in converted.parameters() if p.grad is not None)
+    assert torch.isfinite(loss) and largest < 100, largest
+    with pytest.raises(ValueError, match="all-zero weight"):
+        spectral_norm(nn.Linear(3, 2).requires_grad_(False).apply(lambda m: m.weight.zero_()))

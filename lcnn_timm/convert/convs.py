@@ -6,6 +6,7 @@ norm must be that of the standardised weight: they become a plain conv whose
 ``weight`` parametrization chain first standardises, then divides by the
 operator norm.
 """
+import math
 from typing import Dict, Optional
 
 import torch
@@ -72,6 +73,29 @@ def _unstandardized(conv: nn.Conv2d) -> nn.Conv2d:
     return new
 
 
+def _revive_zero_operator(layer: nn.Module) -> Optional[str]:
+    """Give a layer whose (standardised) weight is all zero a non-zero one; what was done, or None.
+
+    timm zero-initialises some layers (resmlp's head, the gain of NF-ResNets' last conv per block) so that they
+    start as no-ops; their spectral normalisation is undefined (sigma = 0), and near it the gradient of
+    ``W / sigma`` is ``1 / sigma``: 2e12 and 1.7e6 in the first steps of resmlp_12 and nf_resnet26, which then
+    diverged (issue 24). A normalised layer has norm 1 at any scale, so the zero start cannot be kept: a zero
+    gain is set to 1, a zero weight gets torch's default initialisation.
+    """
+    with torch.no_grad():
+        if layer.weight.abs().max() > 0:  # through the standardisation parametrization, if any
+            return None
+        standardization = layer.parametrizations.weight[0] if parametrize.is_parametrized(layer, "weight") else None
+        gain = getattr(standardization, "gain", None)
+        if gain is not None and not gain.abs().max() > 0:
+            gain.fill_(1.0)
+            if layer.weight.abs().max() > 0:
+                return "zero-initialised gain set to 1"
+        raw = layer.parametrizations.weight.original if standardization is not None else layer.weight
+        nn.init.kaiming_uniform_(raw, a=math.sqrt(5))  # nn.Conv2d's / nn.Linear's own default
+        return "zero-initialised weight re-initialised (torch's default)"
+
+
 def normalize_layers(
     model: nn.Module, probed: ProbeResult, init_iterations: int, report: ConversionReport
 ) -> Dict[nn.Module, nn.Module]:
@@ -99,9 +123,12 @@ def normalize_layers(
                     continue
                 size = sizes[0]
             new = _unstandardized(layer) if kind in STANDARDIZED_CONVS else layer
+            revived = _revive_zero_operator(new)
             spectral_norm(new, size, init_iterations=init_iterations)
             done[layer] = new
             chain = "standardised, then " if new is not layer else ""
-            report.replace(slot.name, kind.__name__, f"{type(new).__name__.removeprefix('Parametrized')} ({chain}spectral-normalised)")
+            revived = f"; {revived}" if revived else ""
+            report.replace(slot.name, kind.__name__,
+                           f"{type(new).__name__.removeprefix('Parametrized')} ({chain}spectral-normalised{revived})")
         slot.set(done[layer])
     return done

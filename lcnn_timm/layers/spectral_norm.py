@@ -436,6 +436,12 @@ def spectral_norm(
             raise ValueError(f"{type(module).__name__} is already spectrally normalised (pass replace=True)")
         remove_spectral_norms(module)
     operator = operator_for(module, input_size)
+    if not bool(module.weight.detach().abs().max() > 0):
+        raise ValueError(
+            f"{type(module).__name__} has an all-zero weight: its operator norm is 0, so W / sigma(W) is undefined "
+            "(and its gradient, 1 / sigma, unbounded). A normalised layer has norm 1 at any scale, so zero "
+            "initialisation means nothing for it: initialise the weight first (lcnn_timm.convert_model does)"
+        )
     parametrize.register_parametrization(
         module, "weight", OperatorSpectralNorm(module.weight, operator, n_power_iterations, init_iterations)
     )
