@@ -105,6 +105,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(idx_dir, tmp_path
     victim.wait(timeout=30)
     step = json.loads((killed_dir / "last.json").read_text())["step"]
     assert 8 <= step < 18 and not (killed_dir / "model.safetensors").exists()
+    assert (killed_dir / ".lock").is_file()  # the dead run's lock file: the kernel freed its flock, so it is no obstacle
     resumed = _run(_args(idx_dir, killed_dir, "--resume"))
     output, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0 and "resumed from" in output, output
@@ -179,3 +180,22 @@ def test_final_eval_reports_lagging_spectral_norms_without_precise_bn(idx_dir, t
     expected = 1 / (1 - max(_stored_norm_errors(load_file(str(out / "model.safetensors")))))
     assert reported == pytest.approx(expected, rel=1e-4) and reported > 1.01
     assert f"operator norms up to {reported:.4f}, not 1" in output
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(idx_dir, tmp_path):
+    """Two real processes, one folder (issue 25: both exited 0 and overwrote each other's checkpoints): the second
+    gets one line naming the first's PID and exit 2, and the first finishes undisturbed."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: test_tiny_lcnn\n")
+    out = tmp_path / "out"
+    first = _run(["--cli", "--config", str(config), *_args(idx_dir, out)], env={"LCNN_TEST_STEP_DELAY": "0.2"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "last.json").is_file():  # the first run is writing checkpoints
+        time.sleep(0.05)
+    second = _run(["--cli", "--config", str(config), *_args(idx_dir, out, "--seed", "7")])
+    output, _ = second.communicate(timeout=240)
+    assert second.returncode == 2, output
+    assert f"is in use by another lcnn-timm train (pid {first.pid})" in output and "Traceback" not in output
+    output, _ = first.communicate(timeout=240)
+    assert first.returncode == 0, output
+    assert json.loads((out / "config.json").read_text())["seed"] == 42  # the first run's results, not the second's

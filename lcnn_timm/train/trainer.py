@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
 from .precision import PrecisionChoice, choose_precision
 from .regularizers import frozen_state
+from .run_lock import RunFolderBusy, RunLock
 from .task import AdversarialConfig, LCNNTask
 
 __all__ = ["NonFiniteLossError", "TrainSetupError", "Trainer", "TrainingInterrupted", "param_groups", "train"]
@@ -534,20 +535,38 @@ class Trainer:
             for sig in signals:
                 signal.signal(sig, previous[sig])
 
-    def _stop_agreed(self) -> bool:
-        flag = torch.tensor([float(self.stop_signal is not None)])
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or-ed over the ranks."""
+        value = torch.tensor([float(flag)])
         if self.world_size > 1:
-            dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+            dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def _stop_agreed(self) -> bool:
+        return self._any_rank(self.stop_signal is not None)
 
     def fit(self) -> Dict[str, float]:
         """Train to ``epochs``, evaluate clean test accuracy, write final weights and ``final_eval.json``.
 
         Raises :class:`TrainingInterrupted` after checkpointing on SIGINT/SIGTERM (or, on a second Ctrl-C,
-        at once with the last checkpoint written).
+        at once with the last checkpoint written), and :class:`TrainSetupError` if another live run holds the
+        output folder (:class:`~lcnn_timm.train.run_lock.RunLock`).
         """
-        if self.primary:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock, busy = (RunLock(self.out_dir), None) if self.primary else (None, None)
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunFolderBusy as error:
+                busy = error
+        if self._any_rank(busy is not None):  # rank 0 writes: if it cannot lock, no rank trains
+            raise TrainSetupError(str(busy) if busy else "rank 0 could not lock the run folder")
+        try:
+            return self._fit_locked()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit_locked(self) -> Dict[str, float]:
         try:
             with self._signals_deferred():
                 while self.epoch < self.cfg.epochs:
