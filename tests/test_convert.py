@@ -381,3 +381,21 @@ def test_zero_initialised_operators_are_revived_before_normalisation():
     assert torch.isfinite(loss) and largest < 100, largest
     with pytest.raises(ValueError, match="all-zero weight"):
         spectral_norm(nn.Linear(3, 2).requires_grad_(False).apply(lambda m: m.weight.zero_()))
+
+
+def test_functional_max_pooling_is_reported():
+    """inception_v3 calls F.max_pool2d in Mixed_6a/Mixed_7a: its report listed 2 of its 4 max-pools (issue 24)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return F.max_pool2d(F.relu(self.conv(x)), 2) + torch.max_pool2d(x.mean(1, keepdim=True), 2)
+
+    model = nn.Sequential(Block(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.rand(1, 3, 8, 8))
+    _, report = convert_model(model, input_size=(3, 8, 8))
+    pools = sorted(entry.type_name for entry in report.left_alone if entry.kind == "pool")
+    assert pools == ["MaxPool2d", "max_pool2d()", "max_pool2d()"], pools

@@ -84,13 +84,18 @@ FUNCTIONAL_ACTIVATIONS |= {getattr(__import__("torch"), name) for name in ("relu
 FUNCTIONAL_ACTIVATION_METHODS = {"relu", "relu_"}
 FUNCTIONAL_GATES = {F.sigmoid, F.hardsigmoid, F.tanh, getattr(__import__("torch"), "sigmoid"), getattr(__import__("torch"), "tanh")}
 FUNCTIONAL_GATE_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
+MAX_POOL_REASON = "max pooling is not smooth; left alone (outside the certified bounds' theory)"
+# max pooling called in a forward (inception_v3's Mixed_6a / Mixed_7a): reported like the module form
+FUNCTIONAL_MAX_POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                        F.adaptive_max_pool3d}
+FUNCTIONAL_MAX_POOLS |= {getattr(__import__("torch"), name) for name in ("max_pool1d", "max_pool2d", "max_pool3d")}
 
 _OUTSIDE_THEORY: Dict[type, Tuple[str, str]] = {
     nn.LayerNorm: ("norm", "LayerNorm is outside the LCNN theory (per-sample normalisation has no fixed Lipschitz bound)"),
     nn.GroupNorm: ("norm", "GroupNorm is outside the LCNN theory (per-sample normalisation has no fixed Lipschitz bound)"),
     nn.MultiheadAttention: ("attention", "attention is outside the LCNN theory"),
-    nn.MaxPool2d: ("pool", "max pooling is not smooth; left alone (outside the certified bounds' theory)"),
-    nn.AdaptiveMaxPool2d: ("pool", "max pooling is not smooth; left alone (outside the certified bounds' theory)"),
+    nn.MaxPool2d: ("pool", MAX_POOL_REASON),
+    nn.AdaptiveMaxPool2d: ("pool", MAX_POOL_REASON),
     CondConv2d: ("conv", "CondConv2d mixes expert kernels per sample; no fixed operator to normalise"),
 }
 

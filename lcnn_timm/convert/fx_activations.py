@@ -22,7 +22,9 @@ from .catalog import (
     FUNCTIONAL_ACTIVATIONS,
     FUNCTIONAL_GATE_METHODS,
     FUNCTIONAL_GATES,
+    FUNCTIONAL_MAX_POOLS,
     FUSED_BATCHNORM_ACTS,
+    MAX_POOL_REASON,
     GATES,
     LINEARS,
     PLAIN_BATCHNORMS,
@@ -93,6 +95,8 @@ def _search(module: nn.Module, prefix: str, report: ConversionReport, owners: Se
             owners.add(_owner(node, prefix))
         elif _is_gate(node):
             report.leave(f"{_owner(node, prefix) or '<model>'}:{node.name}", _op_name(node), "gate", "functional gate, left alone")
+        elif node.op == "call_function" and node.target in FUNCTIONAL_MAX_POOLS:
+            report.leave(f"{_owner(node, prefix) or '<model>'}:{node.name}", _op_name(node), "pool", MAX_POOL_REASON)
 
 
 def _outermost(owners: Set[str]) -> List[str]:
