@@ -199,3 +199,66 @@ def test_a_second_run_into_a_busy_folder_is_refused(idx_dir, tmp_path):
     output, _ = first.communicate(timeout=240)
     assert first.returncode == 0, output
     assert json.loads((out / "config.json").read_text())["seed"] == 42  # the first run's results, not the second's
+
+
+def _mount(*args) -> bool:
+    return os.geteuid() == 0 and subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system: a read-only bind mount (root only; skipped elsewhere)."""
+    source, target = tmp_path / "source", tmp_path / "read_only"
+    source.mkdir()
+    target.mkdir()
+    if not (_mount("--bind", str(source), str(target)) and _mount("-o", "remount,ro,bind", str(target))):
+        subprocess.run(["umount", str(target)], capture_output=True)
+        pytest.skip("needs root and bind mounts for a read-only file system")
+    yield target
+    subprocess.run(["umount", str(target)], check=True)
+
+
+def test_unwritable_output_is_refused_before_any_work(idx_dir, read_only_dir):
+    """Issue 25: a read-only output folder ran 65 s of set-up, then died with a raw OSError traceback."""
+    from lcnn_timm_cli import main as lcnn_main
+
+    config = read_only_dir.parent / "tiny.yaml"
+    config.write_text("model: test_tiny_lcnn\n")
+    proc = _run(["--cli", "--config", str(config), *_args(idx_dir, read_only_dir / "run")])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Read-only file system; choose a writable output" in output, output
+    assert "Traceback" not in output and "precision:" not in output  # refused before the model and the probe
+    out = read_only_dir / "results.json"
+    assert lcnn_main(["evaluate", "test_tiny_lcnn", "--dataset", "synthetic", "--out", str(out)]) == 2
+    assert not any(read_only_dir.iterdir())
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(idx_dir, tmp_path):
+    """A real full file system (a 1 MiB tmpfs filled up after the first checkpoint): the second save fails with a
+    message saying what happened, no temp file is left, and the first checkpoint still loads."""
+    from lcnn_timm.train.checkpoint import checkpoint_candidates, load_checkpoint
+    from lcnn_timm.train.trainer import CheckpointWriteError, Trainer
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        trainer = Trainer(load_config(None, parse_overrides(_args(idx_dir, disk / "run"))))
+        trainer.out_dir.mkdir(parents=True)
+        trainer.save()
+        first = trainer.last_checkpoint
+        with open(disk / "filler", "wb") as filler:  # fill the file system to the last block
+            with pytest.raises(OSError):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        trainer.step += 1
+        with pytest.raises(CheckpointWriteError, match=r"No space left on device.*; the previous one, .* is intact"):
+            trainer.save()
+        assert not list(trainer.out_dir.glob(".*.tmp"))
+        assert checkpoint_candidates(trainer.out_dir)[0] == first
+        weights, state = load_checkpoint(first)
+        assert state["step"] == 0 and weights
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: loaded weights may still map a file

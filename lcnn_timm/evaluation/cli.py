@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -9,6 +10,7 @@ import yaml
 
 from ..curvature.estimator import DEFAULT_LANCZOS_STEPS
 from ..layers.spectral_norm import normalized_layer_norms
+from ..train.checkpoint import unwritable_reason
 from .datasets import EvalData, load_eval_data
 from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
@@ -156,6 +158,9 @@ def _table(rows: List[Tuple[str, str, str]]) -> str:
 def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the requested metrics; write results.json (after each metric) and the histogram."""
     metric_names = _parse_metrics(args.metrics)
+    problem = unwritable_reason(Path(args.out).absolute().parent)
+    if problem:  # before any metric is computed
+        raise ValueError(f"--out {args.out}: {problem}")
     kwargs = _model_kwargs(args.model_kwargs)
     device = torch.device(args.device)
     model = create_eval_model(args.model, args.checkpoint, kwargs, args.pretrained).to(device)

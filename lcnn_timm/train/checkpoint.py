@@ -10,6 +10,7 @@ except the previous one, kept as a fallback should the newest prove unreadable
 """
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "describe_mismatch", "load_checkpoint",
-           "save_checkpoint", "save_weights"]
+           "save_checkpoint", "save_weights", "unwritable_reason"]
 
 POINTER = "last.json"
 
@@ -26,12 +27,35 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or truncated."""
 
 
+def unwritable_reason(folder: Path) -> Optional[str]:
+    """Why files cannot be written into ``folder`` (created if missing), or None if they can.
+
+    Tries a real temporary file in ``folder`` or, if it does not exist yet, in its nearest existing parent (a
+    read-only file system, a full disk's metadata or a missing permission all show); leaves nothing behind.
+    """
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"cannot write in {existing}: {error.strerror or error}"
+    return None
+
+
 def _atomic(path: Path, write) -> None:
+    """``write(tmp)``, fsync, rename over ``path``; on failure the temp file is removed and ``path`` is untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ from typing import List, Optional
 __all__ = ["main"]
 
 # exit statuses: 2 a usage or set-up error (nothing written), 3 a non-finite loss, 128 + N killed by signal N
-USAGE_ERROR, NON_FINITE = 2, 3
+USAGE_ERROR, NON_FINITE, WRITE_FAILED = 2, 3, 4
 # the end of a run says when the saved normalised layers are further than this from norm 1
 NORM_LAG_NOTE_ABOVE = 1e-3
 
@@ -27,7 +27,8 @@ def _keys_help() -> str:
     paragraphs = [
         ("config keys (a YAML key, or --key value on the command line), with their defaults:", " ".join(entries)),
         ("accepted and ignored (timm train.py's PIL pipeline):", ", ".join(sorted(TIMM_PIPELINE_KEYS))),
-        ("exit status:", "0 done, 2 bad config, data or checkpoint (nothing written), 3 non-finite loss, 130/143 "
+        ("exit status:", "0 done, 2 bad config, data, checkpoint or output folder (nothing written), 3 non-finite loss, "
+                         "4 a checkpoint could not be written (full disk; the previous one is kept), 130/143 "
                          "stopped by SIGINT/SIGTERM (checkpoint saved; rerun with --resume)"),
     ]
     wrap = textwrap.TextWrapper(100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
@@ -104,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(vars(cfg), sort_keys=False))
         return 0
-    from .trainer import NonFiniteLossError, TrainingInterrupted, TrainSetupError, output_dir, train
+    from .trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted, TrainSetupError, output_dir, train
 
     try:
         result = train(cfg)
@@ -114,6 +115,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as error:
         print(f"lcnn-timm train: {error}", file=sys.stderr)
         return NON_FINITE
+    except CheckpointWriteError as error:
+        print(f"lcnn-timm train: {error}", file=sys.stderr)
+        return WRITE_FAILED
     except TrainingInterrupted as error:
         hint = f"; resume with:\n  {_resume_command(argv)}" if error.checkpoint else ""
         print(f"lcnn-timm train: {error}{hint}", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -34,7 +35,7 @@ from ..curvature.penalty import lcnn_parameters
 from ..data import DEFAULT_FASHION_MNIST_DIR, TensorLoader, load_image_tensors, resolve_dataset_name
 from ..layers.spectral_norm import normalized_layer_norms, refresh_spectral_norms
 from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_candidates, describe_mismatch,
-                         load_checkpoint, save_checkpoint, save_weights)
+                         load_checkpoint, save_checkpoint, save_weights, unwritable_reason)
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
 from .precision import PrecisionChoice, choose_precision
@@ -42,7 +43,7 @@ from .regularizers import frozen_state
 from .run_lock import RunFolderBusy, RunLock
 from .task import AdversarialConfig, LCNNTask
 
-__all__ = ["NonFiniteLossError", "TrainSetupError", "Trainer", "TrainingInterrupted", "param_groups", "train"]
+__all__ = ["CheckpointWriteError", "NonFiniteLossError", "TrainSetupError", "Trainer", "TrainingInterrupted", "param_groups", "train"]
 
 LCNN_NO_DECAY = ("log_beta", "log_gamma")
 # recovery_interval unset: a mid-epoch checkpoint after this much training time, so a crash or kill -9 loses
@@ -56,6 +57,10 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainSetupError(ValueError):
     """The run cannot start (data, model or checkpoint to resume); nothing has been written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file system gone read-only); the previous one is intact."""
 
 
 class TrainingInterrupted(Exception):
@@ -126,6 +131,9 @@ class Trainer:
         self.device, self.rank, self.world_size = _distributed_setup(cfg)
         self.primary = self.rank == 0
         self.out_dir = output_dir(cfg)  # created by fit(): a run that cannot start leaves nothing behind
+        problem = unwritable_reason(self.out_dir) if self.primary else None
+        if problem:  # before the data, the model and the probe: seconds, not a minute, to say so
+            raise TrainSetupError(f"output folder {self.out_dir}: {problem}; choose a writable output")
         torch.manual_seed(cfg.seed)
         self.channels_last = False  # until _set_precision
         self._build_data()
@@ -275,8 +283,17 @@ class Trainer:
         """Checkpoint the current position (rank 0 writes; every rank waits for it)."""
         if self.primary:
             weights = unwrap_model(self.model).state_dict()
-            self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state(),
-                                                   previous=self.last_checkpoint)
+            try:
+                self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state(),
+                                                       previous=self.last_checkpoint)
+            except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+                kept = f"the previous one, {self.last_checkpoint}, is intact" if self.last_checkpoint else \
+                    "no earlier checkpoint exists"
+                reason = getattr(error, "strerror", None) or str(error).rpartition("I/O error: ")[2] or str(error)
+                raise CheckpointWriteError(
+                    f"could not write the checkpoint of step {self.step} in {self.out_dir}: "
+                    f"{reason}; {kept}. Free space (or fix the folder) and resume with --resume"
+                ) from None
         self.last_save_time = time.monotonic()
         if self.world_size > 1:
             dist.barrier()
