@@ -51,6 +51,7 @@ def test_full_run_writes_self_describing_results(tmp_path, capsys):
     out = tmp_path / "sub" / "results.json"
     code = lcnn_main(["evaluate", "evaltest_tiny_softplus", "--dataset", "synthetic", "--out", str(out), *FAST])
     assert code == 0
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # like every other output (results.json was 0600)
     results = json.loads(out.read_text())
     assert results["schema_version"] == 2
     assert results["dataset"]["name"] == "synthetic" and results["dataset"]["count"] == 12
@@ -85,6 +86,8 @@ def test_full_run_writes_self_describing_results(tmp_path, capsys):
 
     table = capsys.readouterr().out
     assert "clean accuracy" in table and "PGD l2 eps=0.2" in table
+    # the table names the estimator results.json records (it said "power iterations")
+    assert "3 Lanczos steps" in table and "power iterations" not in table
 
 
 def test_results_feed_model_cards(tmp_path):
@@ -237,3 +240,18 @@ def test_costly_count_limits_derivative_metrics_only(tmp_path):
     x, y = next(iter(load_eval_data("synthetic", count=5, batch_size=5, input_size=(3, 8, 8), num_classes=4).loader))
     direct = estimate_curvature(model, x, y, iterations=3, generator=torch.Generator().manual_seed(0))
     assert metrics["curvature"]["gradient_norm"]["mean"] == pytest.approx(direct.gradient_norm.mean().item(), rel=1e-5)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_unknown_model_names_close_matches_or_says_there_are_none(capsys):
+    """It printed ``close matches: []`` (issue 25)."""
+    assert lcnn_main(["evaluate", "lcnn_resnt18", "--dataset", "synthetic", "--out", "/tmp/unused.json"]) == 2
+    assert "close matches: lcnn_resnet18" in capsys.readouterr().err
+    assert lcnn_main(["evaluate", "zzqqxx", "--dataset", "synthetic", "--out", "/tmp/unused.json"]) == 2
+    err = capsys.readouterr().err
+    assert "no registered model has a similar name" in err and "[]" not in err

@@ -233,7 +233,7 @@ def test_no_token_fails_before_any_upload(trained, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
     assert huggingface_hub.get_token() is None
     rec = _Recorder(monkeypatch)
-    assert push_main(_push_args(trained, '--out', str(tmp_path / 'out'))) == 1
+    assert push_main(_push_args(trained, '--out', str(tmp_path / 'out'))) == 2
     err = capsys.readouterr().err
     assert 'hf auth login' in err and 'HF_TOKEN' in err
     assert rec.calls == [] and not (tmp_path / 'out').exists()
@@ -255,7 +255,7 @@ def test_corrupt_weights_give_clear_errors(trained, tmp_path, damage, capsys):
         load_pretrained(f'local-dir:{repo}')
     # the same file given to push as a checkpoint
     assert push_main([str(weights), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID,
-                      '--dry-run', '--out', str(tmp_path / 'out')]) == 1
+                      '--dry-run', '--out', str(tmp_path / 'out')]) == 2
     assert 'not a readable safetensors file' in capsys.readouterr().err
 
 
@@ -272,10 +272,10 @@ def test_checkpoint_of_another_architecture_gives_clear_error(trained, tmp_path,
     rc = push_main([str(trained['ckpt']), '--model', 'hubtest_tiny_lcnn_wide', '--repo-id', REPO_ID,
                     '--dry-run', '--out', str(tmp_path / 'out')])
     err = capsys.readouterr().err
-    assert rc == 1 and "does not match architecture 'hubtest_tiny_lcnn_wide'" in err and 'shape mismatch' in err
+    assert rc == 2 and "does not match architecture 'hubtest_tiny_lcnn_wide'" in err and 'shape mismatch' in err
     rc = push_main([str(trained['ckpt']), '--model', 'hubtest_no_such_model', '--repo-id', REPO_ID,
                     '--dry-run', '--out', str(tmp_path / 'out')])
-    assert rc == 1 and 'is not registered' in capsys.readouterr().err
+    assert rc == 2 and 'is not registered' in capsys.readouterr().err
     # a repository whose weights belong to another architecture, caught before timm's strict load
     repo = _broken_copy(trained, tmp_path)
     cfg = json.loads((repo / 'config.json').read_text())
@@ -333,7 +333,7 @@ def test_unsupported_results_schema_is_a_clear_error(trained, tmp_path, capsys):
     (tmp_path / 'results.json').write_text(json.dumps({'schema_version': 99}))
     rc = push_main([str(trained['ckpt']), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID, '--results',
                     str(tmp_path / 'results.json'), '--dry-run', '--out', str(tmp_path / 'out')])
-    assert rc == 1 and 'schema_version 99 is not supported' in capsys.readouterr().err
+    assert rc == 2 and 'schema_version 99 is not supported' in capsys.readouterr().err
 
 
 def test_registry_lcnn_resnet18_round_trip(tmp_path):
@@ -517,3 +517,13 @@ def test_wheel_install_loads_the_tag_offline(tmp_path):
     env.update(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty_cache'))
     subprocess.run([sys.executable, '-c', script, str(tmp_path / 'site'),
                     str(HUB_CARDS / SHIPPED[0] / 'model.safetensors')], check=True, cwd=tmp_path, env=env)
+
+
+def test_card_without_results_names_the_configs_dataset():
+    """push --dry-run --config configs/... without results.json wrote a card "trained on unknown" (issue 25)."""
+    from lcnn_timm.hub.card import render_card
+
+    config = (Path(__file__).parents[1] / 'configs' / 'fashion_mnist_quick.yaml').read_text()
+    card = render_card(repo_id='org/quick', architecture='lcnn_resnet18_025', num_classes=10, input_size=[1, 28, 28],
+                       train_config_text=config, train_config_name='fashion_mnist_quick.yaml')
+    assert 'trained on Fashion-MNIST' in card and 'unknown' not in card

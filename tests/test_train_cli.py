@@ -100,6 +100,8 @@ def test_resume_errors_are_one_line_and_write_nothing(idx_dir, config, tmp_path,
         path.write_bytes(path.read_bytes()[:50])
     code, output = _in_process(capsys, _cli(config, *_args(idx_dir, damaged, "--resume")))
     assert code == 2 and "no readable checkpoint" in output and "Traceback" not in output, output
+    # "trying an older checkpoint" only while there is an older one to try (issue 25): two pairs, one such line
+    assert output.count("trying an older checkpoint") == len(list(damaged.glob("ckpt-*.safetensors"))) - 1, output
 
     other = tmp_path / "other"
     code, output = _in_process(capsys, _cli(config, *_args(idx_dir, other, "--model", "test_tiny_standard",

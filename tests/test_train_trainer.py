@@ -72,6 +72,9 @@ def test_outputs_metrics_plots_and_final_eval(idx_dir, tmp_path):
     weights = load_file(str(tmp_path / f"{last['checkpoint']}.safetensors"))
     final_weights = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(weights[k], final_weights[k]) for k in weights)
+    # one file mode for every output (safetensors files were created 0600, the rest 0644; issue 25)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir() if path.is_file()}
+    assert len(set(modes.values())) == 1, modes
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from .datasets import EvalData, load_eval_data
 from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
 from .plots import curvature_histogram
-from .results import environment, new_results, write_per_example, write_results
+from .results import SCHEMA_VERSION, curvature_protocol, environment, new_results, write_per_example, write_results
 
 __all__ = ["main"]
 
@@ -125,7 +125,7 @@ def _rows(metrics: Dict[str, Any]) -> List[Tuple[str, str, str]]:
         rows.append(("clean accuracy (%)", f"{a['value']:.2f}", f"{a['count']} images"))
     if "curvature" in metrics:
         c = metrics["curvature"]
-        protocol = f"{c['count']} images, {c['iterations']} power iterations, eps {c['eps']:g}"
+        protocol = f"{c['count']} images, {curvature_protocol(c, SCHEMA_VERSION)}, eps {c['eps']:g}"
         if not c["meaningful"]:
             rows.append(("curvature", "n/a", "piecewise-linear activations: not meaningful"))
         for key, label in (("curvature", "E C_f"), ("gradient_norm", "E ||grad f||"), ("hessian_norm", "E ||H f||")):

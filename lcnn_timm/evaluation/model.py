@@ -80,6 +80,14 @@ def load_checkpoint_strict(model: nn.Module, path: str) -> None:
         )
 
 
+def _close_matches(name: str) -> str:
+    """``; close matches: a, b`` from timm's registry (by substring, then by spelling), or nothing."""
+    import difflib
+
+    matches = timm.list_models(f"*{name}*")[:10] or difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    return f"; close matches: {', '.join(matches)}" if matches else "; no registered model has a similar name"
+
+
 def create_eval_model(
         name: str,
         checkpoint: Optional[str] = None,
@@ -95,7 +103,7 @@ def create_eval_model(
     if pretrained is None:
         pretrained = name.startswith(_WEIGHTED_PREFIXES) and checkpoint is None
     if not name.startswith(_WEIGHTED_PREFIXES) and not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; close matches: {timm.list_models(f'*{name}*')[:10]}")
+        raise ValueError(f"unknown timm model {name!r}{_close_matches(name)}")
     model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
     if checkpoint is not None:
         load_checkpoint_strict(model, checkpoint)

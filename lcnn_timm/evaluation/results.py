@@ -8,10 +8,12 @@ import datetime
 import json
 import os
 import platform
-import tempfile
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
+
+from ..train.checkpoint import atomic_write_text
 
 __all__ = ["READABLE_SCHEMA_VERSIONS", "SCHEMA_VERSION", "check_schema_version", "curvature_protocol", "environment",
            "load_per_example", "load_results", "new_results", "write_per_example", "write_results"]
@@ -56,17 +58,8 @@ def new_results(model: Dict[str, Any], dataset: Dict[str, Any], env: Dict[str, A
 
 def _write_json(path: str, document: Any) -> None:
     """Write atomically (temp file + rename), so an interrupted run never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_results(path: str, results: Dict[str, Any]) -> None:

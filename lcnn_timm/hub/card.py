@@ -74,6 +74,21 @@ def _dataset(results: Dict[str, Any]) -> Dict[str, str]:
     return {'name': ds.get('name', 'unknown'), 'split': ds.get('split', 'test'), 'hub_id': hub_id, 'display': display}
 
 
+def _dataset_from_config(train_config_text: Optional[str]) -> Dict[str, Any]:
+    """``{'dataset': {'name', 'split'}}`` from a training YAML's ``dataset``/``val_split`` (for a card without
+    results.json, which said "trained on unknown"), or nothing."""
+    import yaml
+
+    from ..data import resolve_dataset_name
+
+    try:
+        config = yaml.safe_load(train_config_text or '') or {}
+    except yaml.YAMLError:
+        return {}
+    name = resolve_dataset_name(config.get('dataset')) if isinstance(config, dict) and config.get('dataset') else None
+    return {'dataset': {'name': name, 'split': config.get('val_split', 'test')}} if name else {}
+
+
 def metrics_from_results(results: Dict[str, Any]) -> List[Metric]:
     """The card's metrics, in table order, from a parsed results.json (see the module docstring for its schema)."""
     version = check_schema_version(results)
@@ -156,7 +171,7 @@ def render_card(
     """The model card (README.md) text for one published model."""
     results = results or {}
     metrics = metrics_from_results(results) if results else []
-    ds = _dataset(results)
+    ds = _dataset(results if results.get('dataset') else _dataset_from_config(train_config_text))
     model_name = repo_id.split('/')[-1]
     kind = 'Low-Curvature Neural Network' if is_lcnn else 'baseline of the LCNN paper\'s comparison'
     notes = results.get('notes')

@@ -73,7 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             private=args.private, revision=args.revision, commit_message=args.commit_message,
             label_names=label_names, license=args.license, **_model_kwargs(args),
         )
-    except (ValueError, OSError) as e:
+    except (ValueError, FileNotFoundError) as e:  # the user's input: exit 2, as train and evaluate
+        print(f'lcnn-timm push: error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine or the network
         print(f'lcnn-timm push: error: {e}', file=sys.stderr)
         return 1
     if commit is None:

@@ -45,11 +45,20 @@ def unwritable_reason(folder: Path) -> Optional[str]:
     return None
 
 
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` gives a new file (safetensors and mkstemp use 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic(path: Path, write) -> None:
-    """``write(tmp)``, fsync, rename over ``path``; on failure the temp file is removed and ``path`` is untouched."""
+    """``write(tmp)``, fsync, rename over ``path``; on failure the temp file is removed and ``path`` is untouched.
+    The file gets the usual mode (0644 under umask 022), whatever mode the writer created it with."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, _default_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

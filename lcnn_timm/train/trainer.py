@@ -312,13 +312,13 @@ class Trainer:
             raise TrainSetupError(f"--resume: nothing to resume in {where} (no checkpoint there); check output/"
                                   "experiment, or run without --resume to start a new run")
         problems = []
-        for path in candidates:
+        for index, path in enumerate(candidates):
             try:
                 weights, state = load_checkpoint(path)
                 break
             except CheckpointError as error:
                 problems.append(str(error))
-                if self.primary:
+                if self.primary and index + 1 < len(candidates):  # say so only where an older one exists
                     print(f"resume: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
         else:
             raise TrainSetupError(f"--resume: no readable checkpoint in {where}: {'; '.join(problems)}")
