@@ -128,6 +128,20 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 AUTO_KEYS = ("amp", "channels_last")
 
 
+KEYS_TABLE_START, KEYS_TABLE_END = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
+
+
+def keys_table() -> str:
+    """Markdown table of every config key and its default, generated from :class:`TrainConfig` (docs/training.md
+    holds it between ``KEYS_TABLE_START`` and ``KEYS_TABLE_END``; a test regenerates it and fails on drift)."""
+    rows = ["| key | default |", "|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "auto" if f.name in AUTO_KEYS else ("unset" if default is None else default)
+        rows.append(f"| `{f.name}` | `{shown}` |" if shown not in ("", "unset") else f"| `{f.name}` | {shown or 'empty'} |")
+    return "\n".join(rows)
+
+
 def _check_type(key: str, value: Any) -> Any:
     """Coerce YAML scalars to the field's type (int -> float is fine); refuse the rest clearly."""
     default = _FIELDS[key].default
