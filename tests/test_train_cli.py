@@ -64,6 +64,8 @@ def test_sigint_checkpoints_the_current_step_and_resume_is_bit_identical(idx_dir
     assert "Traceback" not in output, output
     step = _pointer(out)["step"]
     assert 6 < step < 12, output  # the step that was running, mid-epoch
+    # the two messages name the same step (they said "finishing step 6", then "interrupted ... (step 7)")
+    assert f"finishing step {step} " in output and f"(step {step})" in output, output
     assert f"--resume" in output.split("resume with:")[1], output
     assert not (out / "model.safetensors").exists()
     code, output = _finish(_run(args + ["--resume"]))
@@ -71,6 +73,15 @@ def test_sigint_checkpoints_the_current_step_and_resume_is_bit_identical(idx_dir
     assert_same_final_weights(reference_run, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [0, 1, 2]
+
+
+def test_sigint_after_a_steps_backward_stops_at_that_step(idx_dir, config, tmp_path):  # noqa: F811
+    """A signal that lands after a step's agreement used to run one more step than the message named."""
+    out = tmp_path / "run"
+    code, output = _finish(_run(_cli(config, *_args(idx_dir, out, "--recovery-interval", "0")),
+                                env={"LCNN_TEST_SIGINT_IN_STEP": "8"}), timeout=120)
+    assert code == 128 + signal.SIGINT, output
+    assert _pointer(out)["step"] == 8 and "finishing step 8 " in output and "(step 8)" in output, output
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(idx_dir, config, tmp_path, capsys,

@@ -1,12 +1,14 @@
 """Runs ``lcnn-timm train`` on the tiny test models (registered on import), in-process or under torchrun.
 
 Extra environment knobs for the tests: LCNN_TEST_STEP_DELAY (seconds to sleep
-per step, so a test can kill the run mid-training), LCNN_TEST_NAN_AT_STEP (the
+per step, so a test can kill the run mid-training), LCNN_TEST_SIGINT_IN_STEP (the
+process sends itself SIGINT at the end of that 1-based step, after its backward), LCNN_TEST_NAN_AT_STEP (the
 loss of that step becomes NaN) and LCNN_TEST_DUMP_RANKS (each rank saves its
 final weights to <output>/rank<r>.pt). Exit status 3 on a non-finite loss, like the CLI.
 A first argument ``--cli`` runs the rest through ``lcnn-timm train``'s own entry point instead.
 """
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,17 @@ def main(argv):
             return step(self, *args)
 
         trainer_module.Trainer.train_step = slow_step
+    sigint_step = int(os.environ.get("LCNN_TEST_SIGINT_IN_STEP", "-1"))
+    if sigint_step >= 0:
+        inner_step = trainer_module.Trainer.train_step
+
+        def interrupted_step(self, *args):
+            result = inner_step(self, *args)
+            if self.step == sigint_step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        trainer_module.Trainer.train_step = interrupted_step
     nan_step = int(os.environ.get("LCNN_TEST_NAN_AT_STEP", "-1"))
     if nan_step >= 0:
         forward = trainer_module.LCNNTask.forward

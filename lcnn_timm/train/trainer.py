@@ -147,6 +147,7 @@ class Trainer:
         self.last_save_time = time.monotonic()
         self.stop_signal: Optional[str] = None  # set by the SIGINT/SIGTERM handler
         self.save_after_step = self.stop_after_step = False
+        self.running_step: Optional[int] = None  # the step under way, for the SIGINT/SIGTERM handler's message
         self._calibrated: Optional[Tuple[int, nn.Module]] = None  # (step, BN-recalibrated copy of the model)
         if found is not None:
             self._load_checkpoint(*found)
@@ -374,7 +375,7 @@ class Trainer:
         """
         flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0,
                               float(self.primary and self._recovery_due()),
-                              float(self.stop_signal is not None)])
+                              float(self.world_size > 1 and self.stop_signal is not None)])
         if self.world_size > 1:
             dist.all_reduce(flags)
         self.save_after_step, self.stop_after_step = bool(flags[1] > 0), bool(flags[2] > 0)
@@ -413,8 +414,17 @@ class Trainer:
                    (self.primary and self.cfg.progress), leave=False, dynamic_ncols=True)
         self.task.train()
         for images, labels in loader:
+            if self.world_size == 1 and self.stop_signal is not None:
+                # one process stops between steps, after the step the handler named; a signal during a step
+                # lets that step finish (DDP ranks agree through _agree's all-reduce instead)
+                self.save()
+                bar.close()
+                raise TrainingInterrupted(self.stop_signal, f"at epoch {self.epoch}, batch {self.batch} "
+                                          f"(step {self.step})", self.last_checkpoint)
             start = time.perf_counter()
+            self.running_step = self.step + 1  # the step a signal now lets finish (named by the handler)
             result = self.train_step(images, labels)
+            self.running_step = None
             self.epoch_seconds += time.perf_counter() - start
             accuracy = (result.pop("output").argmax(1) == labels).float().mean()
             self.meter.update({**result, "train_acc": accuracy}, len(labels))
@@ -541,7 +551,14 @@ class Trainer:
             self.stop_signal = signal.Signals(signum).name
             signal.signal(signum, previous[signum])
             if self.primary:
-                print(f"\n{self.stop_signal}: finishing step {self.step + 1} and saving a checkpoint "
+                # a single process stops after the step under way (or the one just done); DDP ranks agree on the
+                # step at their next all-reduce, which may be one later
+                if self.world_size > 1:
+                    what = "finishing the current step"
+                else:
+                    what = f"finishing step {self.running_step}" if self.running_step else \
+                        f"stopping after step {self.step}"
+                print(f"\n{self.stop_signal}: {what} and saving a checkpoint "
                       "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
 
         for sig in signals:
