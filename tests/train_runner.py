@@ -22,28 +22,29 @@ from lcnn_timm.train import trainer as trainer_module  # noqa: E402
 from lcnn_timm.train.config import load_config, parse_overrides  # noqa: E402
 
 
+def _around_train_step(before=None, after=None):
+    """Run ``before(trainer)`` / ``after(trainer)`` around every ``Trainer.train_step``."""
+    step = trainer_module.Trainer.train_step
+
+    def wrapped(self, *args):
+        if before:
+            before(self)
+        result = step(self, *args)
+        if after:
+            after(self)
+        return result
+
+    trainer_module.Trainer.train_step = wrapped
+
+
 def main(argv):
     torch.set_num_threads(1)
     delay = float(os.environ.get("LCNN_TEST_STEP_DELAY", "0"))
     if delay:
-        step = trainer_module.Trainer.train_step
-
-        def slow_step(self, *args):
-            time.sleep(delay)
-            return step(self, *args)
-
-        trainer_module.Trainer.train_step = slow_step
+        _around_train_step(before=lambda trainer: time.sleep(delay))
     sigint_step = int(os.environ.get("LCNN_TEST_SIGINT_IN_STEP", "-1"))
     if sigint_step >= 0:
-        inner_step = trainer_module.Trainer.train_step
-
-        def interrupted_step(self, *args):
-            result = inner_step(self, *args)
-            if self.step == sigint_step:
-                os.kill(os.getpid(), signal.SIGINT)
-            return result
-
-        trainer_module.Trainer.train_step = interrupted_step
+        _around_train_step(after=lambda trainer: trainer.step == sigint_step and os.kill(os.getpid(), signal.SIGINT))
     nan_step = int(os.environ.get("LCNN_TEST_NAN_AT_STEP", "-1"))
     if nan_step >= 0:
         forward = trainer_module.LCNNTask.forward
