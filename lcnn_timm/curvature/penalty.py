@@ -50,14 +50,11 @@ def curvature_penalty(model: nn.Module, beta_weight: float = 1e-3, gamma_weight:
 
 
 def penalty_weights(value: Sequence[float]) -> Tuple[float, float]:
-    """Validate a ``(beta_weight, gamma_weight)`` pair (the ``curvature_penalty`` model argument)."""
-    try:
-        beta_weight, gamma_weight = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"curvature_penalty must be a pair (beta_weight, gamma_weight), got {value!r}") from None
-    if beta_weight < 0 or gamma_weight < 0:
-        raise ValueError(f"curvature_penalty weights must be >= 0, got {value!r}")
-    return beta_weight, gamma_weight
+    """Validate a ``(beta_weight, gamma_weight)`` pair: :func:`lcnn_timm.train.config.penalty_weights`, which the
+    torch-free config layer owns (imported at call time: the train package imports this module)."""
+    from ..train.config import penalty_weights as validate
+
+    return validate(value)
 
 
 class _PenaltyGradient(torch.autograd.Function):

@@ -6,9 +6,9 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
-__all__ = ["main"]
+__all__ = ["main", "prepare"]
 
 # exit statuses: 2 a usage or set-up error (nothing written), 3 a non-finite loss, 128 + N killed by signal N
 USAGE_ERROR, NON_FINITE, WRITE_FAILED = 2, 3, 4
@@ -83,15 +83,23 @@ def _print_outputs(out_dir: Path, result: dict) -> None:
     print(f"outputs in {out_dir}/: {', '.join(files)}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def prepare(argv: List[str]) -> Tuple[Optional[int], Any]:
+    """The torch-free part of the command: parse, answer ``--help`` / ``--print-config``, validate the config.
+
+    Returns ``(exit status, None)`` when the command is answered (help, printed config, a usage or config
+    error) and ``(None, config)`` when training should start. Needs only this module and ``config`` (stdlib and
+    yaml), so the ``lcnn-timm`` dispatcher runs it before importing torch (answers in well under a second).
+    """
     from .config import load_config, parse_overrides
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = _parser().parse_known_args(argv)
+    try:
+        args, rest = _parser().parse_known_args(argv)
+    except SystemExit as exit_:  # --help (0) or an argparse usage error (2)
+        return int(exit_.code or 0), None
     if args.config is None:
         print("lcnn-timm train: no --config given: pass a YAML, e.g. --config configs/fashion_mnist_quick.yaml "
               "(keys can then be overridden as --key value)", file=sys.stderr)
-        return USAGE_ERROR
+        return USAGE_ERROR, None
     try:
         overrides = parse_overrides(rest)
         if args.resume is not None:
@@ -99,12 +107,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"lcnn-timm train: {error}", file=sys.stderr)
-        return USAGE_ERROR
+        return USAGE_ERROR, None
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(vars(cfg), sort_keys=False))
-        return 0
+        return 0, None
+    return None, cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code, cfg = prepare(argv)
+    if code is not None:
+        return code
     from .trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted, TrainSetupError, output_dir, train
 
     try:

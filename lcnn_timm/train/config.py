@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -227,6 +227,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     return cfg
 
 
+def penalty_weights(value: Sequence[float]) -> Tuple[float, float]:
+    """Validate a ``(beta_weight, gamma_weight)`` pair (the ``curvature_penalty`` model argument)."""
+    try:
+        beta_weight, gamma_weight = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"curvature_penalty must be a pair (beta_weight, gamma_weight), got {value!r}") from None
+    if beta_weight < 0 or gamma_weight < 0:
+        raise ValueError(f"curvature_penalty weights must be >= 0, got {value!r}")
+    return beta_weight, gamma_weight
+
+
 def _check_model_penalty(cfg: TrainConfig) -> None:
     """``model_kwargs.curvature_penalty`` applies the penalty inside the model, for timm's ``train.py``.
 
@@ -235,8 +246,6 @@ def _check_model_penalty(cfg: TrainConfig) -> None:
     """
     if "curvature_penalty" not in cfg.model_kwargs:
         return
-    from ..curvature.penalty import penalty_weights
-
     weights = penalty_weights(cfg.model_kwargs["curvature_penalty"])
     if weights != (cfg.beta_weight, cfg.gamma_weight):
         raise ValueError(

@@ -136,8 +136,8 @@ class Trainer:
             raise TrainSetupError(f"output folder {self.out_dir}: {problem}; choose a writable output")
         torch.manual_seed(cfg.seed)
         self.channels_last = False  # until _set_precision
+        found = self._find_checkpoint(cfg.resume) if cfg.resume else None  # before the data: errors come at once
         self._build_data()
-        found = self._find_checkpoint(cfg.resume) if cfg.resume else None
         self._build_model(found[2].get("precision_choice") if found else None)
         self.meter = MeanMeter()
         self.epoch, self.batch, self.step = 0, 0, 0
