@@ -42,12 +42,19 @@ def test_help_texts_have_no_rst_markup(command, capsys):
     (["train", "--config", "no/such.yaml"], 2, "does not exist"),
     (["train", "--config", "configs/fashion_mnist_quick.yaml", "--wieght-decay", "1"], 2, "did you mean weight_decay"),
     (["train", "--config", "configs/fashion_mnist_quick.yaml", "--lr", "fast"], 2, "'lr' expects float"),
+    (["train", "--config", "configs/fashion_mnist_quick.yaml", "--data-dir", "/no/such/folder"], 2,
+     "data_dir /no/such/folder does not exist"),
+    (["train", "--config", "configs/fashion_mnist_quick.yaml", "--output", "README.md/runs"], 2,
+     "is a file, not a folder; choose a writable output"),
+    (["train", "--config", "configs/fashion_mnist_quick.yaml", "--output", "no/such/runs", "--resume"], 2,
+     "nothing to resume"),
     (["evaluate", "--help"], 0, "--curvature-iterations"),
     (["push", "--help"], 0, "--dry-run"),
     (["reproduce", "--help"], 0, "--zoo"),
 ])
 def test_help_and_config_errors_answer_without_importing_torch(argv, code, expected):
-    """Issue 25: every --help and config error took 8-25 s (torch and timm imported first)."""
+    """Issue 25: every --help, config and path error took 8-25 s (torch and timm imported first; 'nothing to
+    resume' 87 s, after loading the data and building the model)."""
     check = (f"import sys\nfrom lcnn_timm_cli import main\ntry:\n    code = main({argv!r})\n"
              "except SystemExit as exit_:  # argparse's own exit must not skip the check\n    code = exit_.code\n"
              "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'\nsys.exit(code)")

@@ -10,23 +10,12 @@ from torch.utils.data import Dataset
 
 from .cifar import load_cifar
 from .fashion_mnist import load_fashion_mnist
+from .names import DATASET_ALIASES, resolve_dataset_name
 
 __all__ = ["ImageTensorDataset", "is_tensor_dataset", "load_eval_dataset", "load_image_tensors", "resolve_dataset_name"]
 
-# accepted spellings (ours, timm's ``hfds/<hub id>`` and ``torch/<name>``) -> canonical name
-_ALIASES = {
-    "cifar10": "cifar10", "hfds/uoft-cs/cifar10": "cifar10", "uoft-cs/cifar10": "cifar10",
-    "cifar100": "cifar100", "hfds/uoft-cs/cifar100": "cifar100", "uoft-cs/cifar100": "cifar100",
-    "fashion_mnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "torch/fashion_mnist": "fashion_mnist",
-    "hfds/zalando-datasets/fashion_mnist": "fashion_mnist", "zalando-datasets/fashion_mnist": "fashion_mnist",
-}
 # timm's split names -> the files' split names
 _SPLITS = {"train": "train", "test": "test", "validation": "test", "val": "test"}
-
-
-def resolve_dataset_name(name: str) -> Optional[str]:
-    """Canonical name of a small-image dataset this package decodes itself, else None (timm's job)."""
-    return _ALIASES.get(name.lower())
 
 
 def is_tensor_dataset(name: str) -> bool:
@@ -47,7 +36,7 @@ def load_image_tensors(
     """
     canonical = resolve_dataset_name(name)
     if canonical is None:
-        raise ValueError(f"{name!r} is not a small-image dataset; known: {sorted(set(_ALIASES.values()))}")
+        raise ValueError(f"{name!r} is not a small-image dataset; known: {sorted(set(DATASET_ALIASES.values()))}")
     if split not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(_SPLITS)}")
     if canonical == "fashion_mnist":

@@ -10,39 +10,21 @@ except the previous one, kept as a fallback should the newest prove unreadable
 """
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .paths import POINTER, checkpoint_candidates, checkpoint_stem, unwritable_reason  # re-exported
+
 __all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "describe_mismatch", "load_checkpoint",
            "save_checkpoint", "save_weights", "unwritable_reason"]
 
-POINTER = "last.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or truncated."""
-
-
-def unwritable_reason(folder: Path) -> Optional[str]:
-    """Why files cannot be written into ``folder`` (created if missing), or None if they can.
-
-    Tries a real temporary file in ``folder`` or, if it does not exist yet, in its nearest existing parent (a
-    read-only file system, a full disk's metadata or a missing permission all show); leaves nothing behind.
-    """
-    folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        return f"cannot write in {existing}: {error.strerror or error}"
-    return None
 
 
 def _default_file_mode() -> int:
@@ -86,35 +68,17 @@ def save_checkpoint(directory: Path, step: int, weights: Dict[str, torch.Tensor]
     save_weights(directory / f"{name}.safetensors", weights, metadata={"step": str(step)})
     _atomic(directory / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
     atomic_write_text(directory / POINTER, json.dumps({"checkpoint": name, "step": step}))
-    keep = {name} | ({_stem(Path(previous))} if previous is not None else set())
+    keep = {name} | ({checkpoint_stem(Path(previous))} if previous is not None else set())
     for old in directory.glob("ckpt-*"):
         if old.name.split(".", 1)[0] not in keep:
             old.unlink(missing_ok=True)
     return directory / f"{name}.safetensors"
 
 
-def _stem(weights_path: Path) -> str:
-    return weights_path.name.split(".", 1)[0]
-
-
-def checkpoint_candidates(path: Path) -> List[Path]:
-    """Weights files to resume from, best first: ``path`` itself if it is a file; else the checkpoint the folder's
-    ``last.json`` names, then the folder's other ``ckpt-*.safetensors`` newest first (fallbacks)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    found = sorted(path.glob("ckpt-*.safetensors"), reverse=True) if path.is_dir() else []
-    try:
-        named = path / f"{json.loads((path / POINTER).read_text())['checkpoint']}.safetensors"
-    except (OSError, ValueError, KeyError):  # no pointer (or a damaged one): the files alone decide
-        return found
-    return [named] * (named in found) + [p for p in found if p != named]
-
-
 def load_checkpoint(weights_path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """The (weights, resume state) pair of a checkpoint; :class:`CheckpointError` if either is missing or unreadable."""
     weights_path = Path(weights_path)
-    state_path = weights_path.with_name(f"{_stem(weights_path)}.state.pt")
+    state_path = weights_path.with_name(f"{checkpoint_stem(weights_path)}.state.pt")
     if not weights_path.is_file() or not state_path.is_file():
         raise CheckpointError(f"checkpoint {weights_path} is incomplete: need it and {state_path.name}")
     try:

@@ -84,7 +84,8 @@ def _print_outputs(out_dir: Path, result: dict) -> None:
 
 
 def prepare(argv: List[str]) -> Tuple[Optional[int], Any]:
-    """The torch-free part of the command: parse, answer ``--help`` / ``--print-config``, validate the config.
+    """The torch-free part of the command: parse, answer ``--help`` / ``--print-config``, validate the config and
+    its paths (:func:`~lcnn_timm.train.paths.preflight`).
 
     Returns ``(exit status, None)`` when the command is answered (help, printed config, a usage or config
     error) and ``(None, config)`` when training should start. Needs only this module and ``config`` (stdlib and
@@ -113,6 +114,12 @@ def prepare(argv: List[str]) -> Tuple[Optional[int], Any]:
 
         print(yaml.safe_dump(vars(cfg), sort_keys=False))
         return 0, None
+    from .paths import preflight
+
+    problem = preflight(cfg)  # data folder, output folder, resume target: before torch, in well under a second
+    if problem:
+        print(f"lcnn-timm train: {problem}", file=sys.stderr)
+        return USAGE_ERROR, None
     return None, cfg
 
 

@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from ..certify.gamma_cap import cap_gamma
 from ..curvature.penalty import lcnn_parameters
-from ..data import DEFAULT_FASHION_MNIST_DIR, TensorLoader, load_image_tensors, resolve_dataset_name
+from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
 from ..layers.spectral_norm import normalized_layer_norms, refresh_spectral_norms
-from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_candidates, describe_mismatch,
-                         load_checkpoint, save_checkpoint, save_weights, unwritable_reason)
+from .checkpoint import CheckpointError, atomic_write_text, describe_mismatch, load_checkpoint, save_checkpoint, save_weights
+from .paths import checkpoint_candidates, data_dir_problem, output_dir, preflight, resume_folder, resume_problem
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
 from .precision import PrecisionChoice, choose_precision
@@ -105,24 +105,6 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _check_data_dir(cfg: TrainConfig) -> None:
-    """A data_dir written as a local path must exist: otherwise the loaders would try it as a Hub id (slowly,
-    then failing with a message about the Hub)."""
-    fashion = resolve_dataset_name(cfg.dataset) == "fashion_mnist"
-    source = cfg.data_dir or (DEFAULT_FASHION_MNIST_DIR if fashion else None)
-    if source and source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
-        hint = "; install it with: apt-get install -y dataset-fashion-mnist" if source == DEFAULT_FASHION_MNIST_DIR \
-            else "; set data_dir to the folder holding the dataset's files"
-        raise TrainSetupError(f"dataset {cfg.dataset!r}: data_dir {source} does not exist{hint}")
-
-
-def output_dir(cfg: TrainConfig) -> Path:
-    """The run's folder: ``output/experiment``, defaulting to ``output/train/<experiment or model-dataset>``."""
-    if cfg.output:
-        return Path(cfg.output) / cfg.experiment if cfg.experiment else Path(cfg.output)
-    return Path("output") / "train" / (cfg.experiment or f"{cfg.model}-{resolve_dataset_name(cfg.dataset) or 'data'}")
-
-
 class Trainer:
     """One training run described by a :class:`TrainConfig` (see :func:`train`)."""
 
@@ -131,9 +113,9 @@ class Trainer:
         self.device, self.rank, self.world_size = _distributed_setup(cfg)
         self.primary = self.rank == 0
         self.out_dir = output_dir(cfg)  # created by fit(): a run that cannot start leaves nothing behind
-        problem = unwritable_reason(self.out_dir) if self.primary else None
-        if problem:  # before the data, the model and the probe: seconds, not a minute, to say so
-            raise TrainSetupError(f"output folder {self.out_dir}: {problem}; choose a writable output")
+        problem = preflight(cfg) if self.primary else data_dir_problem(cfg)
+        if problem:  # before the data, the model and the probe (lcnn-timm train checks this before torch too)
+            raise TrainSetupError(problem)
         torch.manual_seed(cfg.seed)
         self.channels_last = False  # until _set_precision
         found = self._find_checkpoint(cfg.resume) if cfg.resume else None  # before the data: errors come at once
@@ -163,7 +145,6 @@ class Trainer:
                 "(also as hfds/uoft-cs/cifar10, hfds/uoft-cs/cifar100, torch/fashion_mnist); use timm's train.py "
                 "with device_modules: [lcnn_timm] for other datasets"
             )
-        _check_data_dir(cfg)
         try:
             train_x, train_y = load_image_tensors(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.target_key)
             val_x, val_y = load_image_tensors(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.target_key)
@@ -303,15 +284,14 @@ class Trainer:
         """The checkpoint ``resume`` names, read: 'latest' (bare ``--resume``: the output folder's checkpoint, which
         must exist), 'auto' (the same, or None for a new run if there is none) or a folder / .safetensors path.
         An unreadable newest checkpoint falls back to the previous one."""
-        where = self.out_dir if resume in ("latest", "auto") else Path(resume)
+        where = resume_folder(self.cfg)
         candidates = checkpoint_candidates(where)
         if not candidates:
             if resume == "auto":
                 if self.primary:
                     print(f"resume: auto: no checkpoint in {where} yet; starting a new run", flush=True)
                 return None
-            raise TrainSetupError(f"--resume: nothing to resume in {where} (no checkpoint there); check output/"
-                                  "experiment, or run without --resume to start a new run")
+            raise TrainSetupError(resume_problem(self.cfg))
         problems = []
         for index, path in enumerate(candidates):
             try:
