@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lcnn-timm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     if command == "train":
-        code, _ = _torch_free_train_cli().prepare(rest)
+        code, _ = _torch_free("cli").prepare(rest)
         if code is not None:  # answered without torch: help, printed config, a usage or config error
             return code
     elif any(arg in ("-h", "--help") for arg in rest):
@@ -64,6 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(HELP[command], end="")
         return 0
+    else:
+        problem = _path_problem(command, rest)
+        if problem:  # a missing input or an unwritable output, said before torch is imported
+            print(f"lcnn-timm {command}: {problem}", file=sys.stderr)
+            return 2
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
 
@@ -71,10 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 _STAND_IN = "lcnn_timm_cli._front"
 
 
-def _torch_free_train_cli() -> types.ModuleType:
-    """``lcnn_timm/train/cli.py`` loaded inside stand-in packages mirroring ``lcnn_timm``, ``lcnn_timm.train`` and
-    ``lcnn_timm.data`` (relative imports find the stdlib-only modules they need: ``config``, ``paths``,
-    ``data/names``) without running the real packages' ``__init__``."""
+def _torch_free(module: str) -> types.ModuleType:
+    """``lcnn_timm/train/<module>.py`` (``cli`` or ``paths``) loaded inside stand-in packages mirroring
+    ``lcnn_timm``, ``lcnn_timm.train`` and ``lcnn_timm.data`` (relative imports find the stdlib-only modules they
+    need: ``config``, ``paths``, ``data/names``) without running the real packages' ``__init__``."""
     if _STAND_IN not in sys.modules:
         spec = importlib.util.find_spec("lcnn_timm")  # locates the package without importing it
         root = Path(next(iter(spec.submodule_search_locations)))
@@ -83,4 +88,75 @@ def _torch_free_train_cli() -> types.ModuleType:
             package = types.ModuleType(name)
             package.__path__ = [str(folder)]
             sys.modules[name] = package
-    return importlib.import_module(f"{_STAND_IN}.train.cli")
+    return importlib.import_module(f"{_STAND_IN}.train.{module}")
+
+
+# the path arguments of the commands other than train (which checks its config's paths itself), checked before
+# torch is imported: an input that must exist, or an output file / folder that must be writable
+PATH_ARGUMENTS = {
+    "evaluate": {"--checkpoint": "input", "--data-dir": "input", "--out": "output file"},
+    "push": {"checkpoint": "input", "--results": "input", "--config": "input", "--label-names": "input",
+             "--out": "output folder"},
+    "reproduce": {"--configs-dir": "input", "--data-dir": "input"},
+}
+
+
+def _path_problem(command: str, argv: List[str]) -> Optional[str]:
+    """The first missing input or unwritable output among ``command``'s path arguments, or None."""
+    import argparse
+
+    kinds = PATH_ARGUMENTS.get(command, {})
+    parser = argparse.ArgumentParser(add_help=False)
+    for option in kinds:
+        parser.add_argument(option, **({} if option.startswith("--") else {"nargs": "?"}))
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except SystemExit:  # a malformed line: the command's own parser will say how
+        return None
+    paths = _torch_free("paths")
+    for option, kind in kinds.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        if kind == "input" and not Path(value).exists():
+            return f"{option} {value} does not exist"
+        if kind.startswith("output"):
+            folder = Path(value).absolute() if kind == "output folder" else Path(value).absolute().parent
+            reason = paths.unwritable_reason(folder)
+            if reason:
+                return f"{option} {value}: {reason}"
+    return None
+
+
+HELP_WIDTH = 100  # columns the stored help texts are formatted for
+
+
+def render_help(command: str) -> str:
+    """``lcnn-timm COMMAND --help`` as the command's own parser prints it (imports the command: torch)."""
+    import contextlib
+    import io
+    import os
+
+    module = importlib.import_module(COMMANDS[command][0])
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_WIDTH)  # argparse wraps to the terminal's width
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            module._parser().print_help()
+        return out.getvalue()
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+
+
+def regenerate_help() -> None:
+    """Rewrite ``_help.py``, the stored ``--help`` of every command but ``train`` (which answers torch-free)."""
+    texts = {command: render_help(command) for command in COMMANDS if command != "train"}
+    body = "".join(f"    {command!r}: {text!r},\n" for command, text in texts.items())
+    (Path(__file__).parent / "_help.py").write_text(
+        '"""Generated by lcnn_timm_cli.regenerate_help() from the commands\' own parsers: --help without importing '
+        'torch.\n\ntests/test_cli_conventions.py fails when a parser changes and this file is stale."""\n'
+        f"HELP = {{\n{body}}}\n")
