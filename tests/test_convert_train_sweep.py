@@ -45,8 +45,9 @@ def _train_three_steps(name: str, size: int) -> None:
         losses.append(loss.item())
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     assert torch.isfinite(loss) and not bad, f"{name}: {len(bad)} non-finite parameters, e.g. {bad[:3]}"
-    # finite is not enough: resmlp_12 went 2.30 -> 1.3e22 before NaN (10 classes: ln 10 = 2.30 at the start)
-    assert max(losses) < 20, f"{name}: losses {losses}"
+    # finite is not enough: resmlp_12 went 2.30 -> 1.3e22 before NaN (10 classes: ln 10 = 2.30 at the start); a
+    # spike on random labels at lr 0.1 is not divergence (cspresnet50: 2.29 -> 21.1 -> 2.61)
+    assert max(losses) < 1e3, f"{name}: losses {losses}"
     return zero_bns
 
 
