@@ -397,10 +397,7 @@ class Trainer:
             if self.world_size == 1 and self.stop_signal is not None:
                 # one process stops between steps, after the step the handler named; a signal during a step
                 # lets that step finish (DDP ranks agree through _agree's all-reduce instead)
-                self.save()
-                bar.close()
-                raise TrainingInterrupted(self.stop_signal, f"at epoch {self.epoch}, batch {self.batch} "
-                                          f"(step {self.step})", self.last_checkpoint)
+                self._stop_mid_epoch(bar)
             start = time.perf_counter()
             self.running_step = self.step + 1  # the step a signal now lets finish (named by the handler)
             result = self.train_step(images, labels)
@@ -411,14 +408,18 @@ class Trainer:
             self.batch += 1
             bar.update(1)
             bar.set_postfix(loss=f"{float(result['loss']):.4f}")
-            if self.save_after_step or self.stop_after_step:
-                self.save()
             if self.stop_after_step:
-                bar.close()
-                raise TrainingInterrupted(self.stop_signal or "a signal on another rank",
-                                          f"at epoch {self.epoch}, batch {self.batch} (step {self.step})",
-                                          self.last_checkpoint)
+                self._stop_mid_epoch(bar)
+            if self.save_after_step:
+                self.save()
         bar.close()
+
+    def _stop_mid_epoch(self, bar: tqdm) -> None:
+        """Checkpoint the current position and raise :class:`TrainingInterrupted`."""
+        self.save()
+        bar.close()
+        raise TrainingInterrupted(self.stop_signal or "a signal on another rank",
+                                  f"at epoch {self.epoch}, batch {self.batch} (step {self.step})", self.last_checkpoint)
 
     @torch.no_grad()
     def evaluate(self, loader: TensorLoader, ema: bool = False, model: Optional[nn.Module] = None) -> Dict[str, float]:
