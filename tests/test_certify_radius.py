@@ -1,9 +1,11 @@
 """Certified radii: the formula, and PGD never changing a prediction inside its certified radius."""
 import pytest
 import torch
+from torch import nn
 
 from lcnn_timm.certify import certify
 from lcnn_timm.certify.radius import certified_radii, curvature_radius
+from lcnn_timm.layers import CenteredSoftplus, spectral_norm
 from lcnn_timm.robustness.pgd import pgd_attack
 from test_certify_bounds import cnn
 
@@ -54,3 +56,31 @@ def test_misclassified_examples_get_radius_zero():
         wrong = (net(x).argmax(dim=1) + 1) % 3
     radii = certified_radii(net, x, wrong, certify(net))
     assert all(value.eq(0).all() for value in radii.values())
+
+
+@pytest.mark.parametrize("switch", [0.05, 0.01])  # |beta x| where the activation changes formula (fp32, float64)
+@pytest.mark.parametrize("side", [1, -1])
+@pytest.mark.parametrize("label", [0, 1])
+def test_no_flip_inside_the_radius_of_a_1d_net_straddling_the_softplus_series_switch(switch, side, label):
+    """The activation's float64 evaluation is continuous to rounding where its series meets its closed form, and a
+    head bias cancelling the activation (logits ~1e-9) is covered by the rounding allowance: a 1-D net whose margin
+    is ~1e-8 is scanned over its whole certified interval (before: certified 3.2e-8, flipped 2e-11 away)."""
+    act = CenteredSoftplus(2.0)
+    linear = nn.Linear(1, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        linear.bias.zero_()
+    head = spectral_norm(linear)
+    net = nn.Sequential(act, head).double().eval()
+    x0 = torch.tensor([[switch / act.beta.item() * (1 + side * 1e-9)]], dtype=torch.float64)
+    sign = 1 if label == 0 else -1
+    with torch.no_grad():
+        centre = net(x0)[0, 0].item()
+        head.bias.copy_(torch.tensor([-centre + sign * 5e-9, centre - sign * 5e-9]))
+        y = net(x0).argmax(dim=1)
+    assert y.item() == label
+    radius = certified_radii(net, x0, y, certify(net, input_shape=(1,)))["combined"].item()
+    assert radius > 1e-9
+    grid = x0 + torch.linspace(-radius, radius, 20001, dtype=torch.float64).reshape(-1, 1) * (1 - 1e-12)
+    with torch.no_grad():
+        assert (net(grid).argmax(dim=1) == label).all()

@@ -63,12 +63,13 @@ class Certificate:
     logits: MapBound
     input_shape: Tuple[int, ...]
     layers: List[Tuple[str, MapBound]] = field(default_factory=list, repr=False)
+    logit_offsets: Optional[torch.Tensor] = None
 
     def scaled_input(self, scale: float) -> "Certificate":
         """The certificate of ``x -> model(a * x)`` with ``|a| <= scale`` per coordinate (e.g. 1 / std)."""
         return Certificate(self.lipschitz * scale, self.hessian * scale**2,
                            MapBound(self.logits.lipschitz * scale, self.logits.hessian * scale**2),
-                           self.input_shape, self.layers)
+                           self.input_shape, self.layers, self.logit_offsets)
 
 
 def _then(first: MapBound, second: MapBound) -> MapBound:
@@ -209,7 +210,9 @@ def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
         weight = head.weight.detach().double()
         # ||w_i - w_j||, raised past the rounding of the distance itself
         rows = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * (1.0 + ROUNDING_MARGIN)
+        offsets = head.bias.detach().double().abs() if head.bias is not None else None
     else:
         logits = phi
         rows = math.sqrt(2.0) * (1.0 - torch.eye(outputs, dtype=torch.float64))  # ||e_i - e_j|| = sqrt 2
-    return Certificate(rows * phi.lipschitz, rows * phi.hessian, logits, shape, rules.layers)
+        offsets = None
+    return Certificate(rows * phi.lipschitz, rows * phi.hessian, logits, shape, rules.layers, offsets)

@@ -54,9 +54,13 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     rows = torch.arange(len(labels), device=labels.device)
     # the computed margins and gradient norms carry the forward's and backward's rounding: lower the margins and
     # raise the gradient norms past it (relative 1e-9 in float64, 64 units of the last place in lower precision),
-    # so a radius never exceeds the exact one of the function evaluated
+    # so a radius never exceeds the exact one of the function evaluated. Rounding is relative to the terms summed,
+    # not to the result: a head bias cancelling W h leaves logits far below W h's rounding, so |bias| joins |z|.
     rounding = max(ROUNDING_MARGIN, 64 * torch.finfo(logits.dtype).eps)
-    margins = logits[rows, labels, None] - logits - rounding * (logits[rows, labels, None].abs() + logits.abs())
+    scale = logits.abs()
+    if certificate.logit_offsets is not None:
+        scale = scale + certificate.logit_offsets.to(logits)
+    margins = logits[rows, labels, None] - logits - rounding * (scale[rows, labels, None] + scale)
     grad_norms = (jacobian[rows, labels, None] - jacobian).norm(dim=-1) * (1.0 + rounding)
     lipschitz = certificate.lipschitz.to(logits)[labels]
     hessian = certificate.hessian.to(logits)[labels]
