@@ -121,8 +121,8 @@ def _path_problem(command: str, argv: List[str]) -> Optional[str]:
         if kind == "input" and not Path(value).exists():
             return f"{option} {value} does not exist"
         if kind.startswith("output"):
-            folder = Path(value).absolute() if kind == "output folder" else Path(value).absolute().parent
-            reason = paths.unwritable_reason(folder)
+            reason = (paths.unwritable_reason(Path(value)) if kind == "output folder"
+                      else paths.output_file_reason(Path(value)))
             if reason:
                 return f"{option} {value}: {reason}"
     return None

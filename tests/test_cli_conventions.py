@@ -50,6 +50,8 @@ def test_help_texts_have_no_rst_markup(command, capsys):
      "nothing to resume"),
     (["evaluate", "lcnn_resnet18", "--dataset", "synthetic", "--out", "README.md/results.json"], 2,
      "--out README.md/results.json: "),
+    (["evaluate", "lcnn_resnet18", "--dataset", "synthetic", "--out", "docs"], 2,
+     "is a folder; give a file path, e.g. "),
     (["evaluate", "lcnn_resnet18", "--checkpoint", "no/such.safetensors", "--dataset", "synthetic", "--out", "r.json"],
      2, "--checkpoint no/such.safetensors does not exist"),
     (["push", "no/such.safetensors", "--model", "lcnn_resnet18", "--dry-run", "--out", "out"], 2,

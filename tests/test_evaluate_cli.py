@@ -185,6 +185,13 @@ def test_bad_input_names_the_valid_options(tmp_path, capsys, args, expected):
     assert code == 2 and expected in capsys.readouterr().err
 
 
+def test_an_existing_folder_as_out_is_a_clear_error_before_any_metric(tmp_path, capsys):
+    """--out names the results file: a folder there raised IsADirectoryError after every metric had run."""
+    code = main(["evaltest_tiny_softplus", "--dataset", "synthetic", *FAST, "--out", str(tmp_path)])
+    assert code == 2 and "is a folder; give a file path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_model_is_named(tmp_path, capsys):
     code, _ = run(tmp_path, "evaltest_no_such_model", "--dataset", "synthetic")
     assert code == 2 and "unknown timm model" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import yaml
 
 from ..curvature.estimator import DEFAULT_LANCZOS_STEPS
 from ..layers.spectral_norm import normalized_layer_norms
-from ..train.checkpoint import unwritable_reason
+from ..train.paths import output_file_reason
 from .datasets import EvalData, load_eval_data
 from .metrics import DEFAULT_METRICS, METRICS, MetricOptions, run_metric
 from .model import NormalizedModel, create_eval_model, file_sha256
@@ -158,7 +158,7 @@ def _table(rows: List[Tuple[str, str, str]]) -> str:
 def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the requested metrics; write results.json (after each metric) and the histogram."""
     metric_names = _parse_metrics(args.metrics)
-    problem = unwritable_reason(Path(args.out).absolute().parent)
+    problem = output_file_reason(Path(args.out))
     if problem:  # before any metric is computed
         raise ValueError(f"--out {args.out}: {problem}")
     kwargs = _model_kwargs(args.model_kwargs)

@@ -11,8 +11,8 @@ from typing import List, Optional
 from ..data.names import DEFAULT_FASHION_MNIST_DIR, resolve_dataset_name
 from .config import TrainConfig
 
-__all__ = ["POINTER", "checkpoint_candidates", "checkpoint_stem", "data_dir_problem", "output_dir", "preflight",
-           "resume_folder", "resume_problem", "unwritable_reason"]
+__all__ = ["POINTER", "checkpoint_candidates", "checkpoint_stem", "data_dir_problem", "output_dir", "output_file_reason",
+           "preflight", "resume_folder", "resume_problem", "unwritable_reason"]
 
 POINTER = "last.json"  # names the newest complete checkpoint of a run folder
 
@@ -40,6 +40,14 @@ def unwritable_reason(folder: Path) -> Optional[str]:
     except OSError as error:
         return f"cannot write in {existing}: {error.strerror or error}"
     return None
+
+
+def output_file_reason(path: Path) -> Optional[str]:
+    """Why a file cannot be written at ``path`` (an existing folder there, or an unwritable parent), or None."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        return f"{path} is a folder; give a file path, e.g. {path / 'results.json'}"
+    return unwritable_reason(path.parent)
 
 
 def data_dir_problem(cfg: TrainConfig) -> Optional[str]:
