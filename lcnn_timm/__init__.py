@@ -10,3 +10,5 @@ from .curvature import curvature_penalty, curvature_proxy
 from .layers import CenteredSoftplus, GammaBatchNorm1d, GammaBatchNorm2d, HalvesResidual, spectral_norm
 
 __version__ = "0.1.0"
+
+train.upstream.warn_ignored_config_keys()  # under timm's train.py (device_modules: [lcnn_timm]); else nothing

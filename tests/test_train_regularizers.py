@@ -154,3 +154,63 @@ def test_config_model_penalty_must_match_loss_weights():
     assert ok.model_kwargs["curvature_penalty"] == [1e-3, 1e-3]
     with pytest.raises(ValueError, match="disagrees with beta_weight"):
         load_config(None, {"beta_weight": 1e-3, "model_kwargs": {"curvature_penalty": [1e-3, 1e-3]}})
+
+
+def test_model_side_penalty_is_logged_with_its_value(caplog):
+    """Issue 24: under timm's train.py the penalty is only in the gradients, so the logged loss looked the same with
+    and without it; the hook now logs the penalty's value (first training forward, then every log_interval-th)."""
+    import logging
+
+    import timm
+
+    from lcnn_timm.curvature import add_penalty_to_backward, curvature_penalty
+
+    model = timm.create_model("lcnn_resnet18_025", img_size=8)
+    add_penalty_to_backward(model, 0.05, 0.02, log_interval=2)
+    x = torch.rand(2, 1, 8, 8)
+    with caplog.at_level(logging.INFO, logger="lcnn_timm.penalty"):
+        for _ in range(3):
+            model(x)
+        model.eval()(x)  # eval forwards neither count nor log
+    records = [r.getMessage() for r in caplog.records if r.name == "lcnn_timm.penalty"]
+    assert [m.split("training forward ")[1].split(";")[0] for m in records] == ["1", "3"]
+    expected = curvature_penalty(model, 0.05, 0.02).total.item()
+    assert float(records[0].split("curvature penalty ")[1].split(" ")[0]) == pytest.approx(expected, rel=1e-3)
+
+
+def _fake_timm_train_script():
+    """A module shaped like timm's train.py: a config_parser for -c/--config, the main parser, _parse_args."""
+    import argparse
+    import types
+
+    script = types.ModuleType("train")
+    script.config_parser = argparse.ArgumentParser(add_help=False)
+    script.config_parser.add_argument("-c", "--config", default="")
+    script.parser = argparse.ArgumentParser()
+    for option in ("--model", "--lr", "--epochs", "--model-kwargs"):
+        script.parser.add_argument(option)
+    script._parse_args = lambda: None
+    return script
+
+
+def test_keys_timm_train_py_ignores_are_warned_about(tmp_path, caplog):
+    import logging
+
+    import yaml
+
+    from lcnn_timm.train.upstream import ignored_config_keys, warn_ignored_config_keys
+
+    config = tmp_path / "lcnn.yaml"
+    config.write_text(yaml.safe_dump({"model": "lcnn_resnet18_025", "lr": 0.05, "beta_weight": 1e-3,
+                                      "precise_bn_batches": 20, "model_kwargs": {"curvature_penalty": [1e-3, 1e-3]}}))
+    script = _fake_timm_train_script()
+    with caplog.at_level(logging.WARNING, logger="lcnn_timm"):
+        warn_ignored_config_keys(script, ["--config", str(config), "--epochs", "1"])
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "lcnn_timm"]
+    assert "ignores these config keys: beta_weight, precise_bn_batches." in message
+    # any other script, no config, or an unreadable one: nothing to say
+    import types
+
+    assert ignored_config_keys(types.ModuleType("other"), ["--config", str(config)]) is None
+    assert ignored_config_keys(script, []) is None
+    assert ignored_config_keys(script, ["--config", str(tmp_path / "missing.yaml")]) is None

@@ -10,6 +10,7 @@ Each module counts once, however often its forward runs.
 compute the classification loss (timm's ``train.py``): the penalty's gradient is
 added to the β/γ parameters by the backward of the model's output.
 """
+import logging
 from typing import NamedTuple, Sequence, Tuple
 
 import torch
@@ -19,6 +20,8 @@ from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm
 
 __all__ = ["CurvaturePenalty", "add_penalty_to_backward", "curvature_penalty", "lcnn_parameters", "penalty_weights"]
+
+_LOGGER = logging.getLogger("lcnn_timm.penalty")
 
 
 class CurvaturePenalty(NamedTuple):
@@ -76,19 +79,35 @@ class _PenaltyGradient(torch.autograd.Function):
         return (grad_output, None, None, None, *grads)
 
 
-def add_penalty_to_backward(model: nn.Module, beta_weight: float, gamma_weight: float):
+def _is_primary_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_rank() != 0)
+
+
+def add_penalty_to_backward(model: nn.Module, beta_weight: float, gamma_weight: float, log_interval: int = 50):
     """Make every training-mode backward through ``model``'s output add the curvature penalty's gradient.
 
     Gradients then equal those of ``loss + curvature_penalty(model, beta_weight, gamma_weight).total`` when the
     output is used once per backward and the loss is not scaled: exact in fp32/bf16 and under DDP; with fp16
     loss scaling the penalty is effectively divided by the scale, and with gradient accumulation over N steps it
-    is applied N times (divide the weights by N). Returns the hook's handle (``.remove()`` undoes it).
+    is applied N times (divide the weights by N). The penalty is not part of the trainer's loss, so its value is
+    logged (logger ``lcnn_timm.penalty``, INFO, first training forward and every ``log_interval``-th; primary
+    process only; 0: never). Returns the hook's handle (``.remove()`` undoes it).
     """
     beta_weight, gamma_weight = penalty_weights((beta_weight, gamma_weight))
+    forwards = 0
 
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        nonlocal forwards
         if not (module.training and torch.is_grad_enabled()):
             return output
+        if log_interval and forwards % log_interval == 0 and _is_primary_process():
+            with torch.no_grad():
+                value = curvature_penalty(module, beta_weight, gamma_weight)
+            _LOGGER.info("curvature penalty %.4g = %g * sum(beta) %.4g + %g * sum|log gamma| %.4g (training forward "
+                         "%d; added to the gradients, not to the logged loss)", value.total.item(), beta_weight,
+                         value.beta_sum.item(), gamma_weight, value.abs_log_gamma_sum.item(), forwards + 1)
+        forwards += 1
         log_betas, log_gammas = lcnn_parameters(module)
         return _PenaltyGradient.apply(output, beta_weight, gamma_weight, len(log_betas), *log_betas, *log_gammas)
 
