@@ -21,11 +21,13 @@ __all__ = ["PAPER_RESULTS", "ROWS", "ZOOS", "Row", "Zoo", "main", "reproduce"]
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the table: ``configs/<zoo>_<key>.yaml``; published rows get the Hub tag ``<zoo tag><suffix>``."""
+    """One row of the table: ``configs/<zoo>_<key>.yaml``; published rows get the Hub tag ``<zoo tag><suffix>``.
+    Rows outside the paper's table (``paper=False``) run only when ``--rows`` names them."""
 
     key: str
     label: str
     tag_suffix: Optional[str] = None
+    paper: bool = True
 
 
 ROWS = (
@@ -35,6 +37,9 @@ ROWS = (
     Row("lcnn_gradreg", "LCNN + GradReg", tag_suffix="_gradreg"),
     Row("hessianreg", "HessianReg (CURE)"),
     Row("adversarial", "Adversarial training"),
+    # a trained ReLU model converted and fine-tuned (issue 24): relu must run before convert, which loads its weights
+    Row("relu", "ReLU (conversion source)", paper=False),
+    Row("convert", "ReLU converted + 1 epoch LCNN", paper=False),
 )
 
 
@@ -72,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcnn-timm reproduce", description=__doc__.split("\n\n")[0].replace("``", "'"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", choices=sorted(ZOOS), default="cifar100", help="which dataset's table (default cifar100)")
-    p.add_argument("--rows", default=",".join(r.key for r in ROWS),
-                   help="comma-separated rows to run (default: all six, Standard first)")
+    p.add_argument("--rows", default=",".join(r.key for r in ROWS if r.paper),
+                   help="comma-separated rows to run (default: the paper's six, Standard first; Fashion-MNIST also "
+                        "has relu,convert: a trained ReLU model converted)")
     p.add_argument("--configs-dir", default="configs", help="folder holding <zoo>_<row>.yaml")
     p.add_argument("--data-dir", help="dataset folder, for training and evaluation (default: each config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -195,8 +201,9 @@ def comparison_table(zoo: Zoo, summaries: List[Dict[str, Any]], results_dir: Pat
         cf, gn, hn = (curvature.get(k, {}) for k in ("curvature", "gradient_norm", "hessian_norm"))
         pgd = " / ".join(_fmt(r["accuracy"], ".1f") for r in metrics["pgd"])
         cost = f"{s['train_seconds'] / standard['train_seconds']:.2f}x" if standard else "–"
-        paper = PAPER_RESULTS[s["row"]]
-        paper_text = f"{paper['accuracy']:.2f}, {paper['curvature']:.1f}, {' / '.join(f'{v:.1f}' for v in paper['pgd'])}"
+        paper = PAPER_RESULTS.get(s["row"])
+        paper_text = (f"{paper['accuracy']:.2f}, {paper['curvature']:.1f}, {' / '.join(f'{v:.1f}' for v in paper['pgd'])}"
+                      if paper else "–")
         lines.append(
             f"| {s['label']} | {metrics['accuracy']['value']:.2f} | {_fmt(cf.get('mean'), '.1f')} ± "
             f"{_fmt(cf.get('std'), '.1f')} | {_fmt(gn.get('mean'), '.2f')} | {_fmt(hn.get('mean'), '.1f')} | {pgd} "

@@ -165,3 +165,38 @@ def test_convert_and_train_a_stock_model(idx_dir, config, tmp_path, capsys):  # 
     assert any(k.endswith("log_beta") for k in weights) and any(k.endswith("log_gamma") for k in weights)
     code, output = _in_process(capsys, args + ["--epochs", "2", "--resume"])  # resuming converts again, then loads
     assert code == 0 and "resumed from" in output, output
+
+
+def test_convert_starts_from_the_initial_checkpoint(idx_dir, config, tmp_path, capsys):  # noqa: F811
+    """Issue 24: a trained ReLU model is converted from its weights (``initial_checkpoint``, timm train.py's name)."""
+    from safetensors.torch import save_file
+
+    from train_tiny_models import tiny_relu
+
+    source = tiny_relu()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.mul_(1.5).add_(0.1)  # not the seeded initialisation the trainer would build
+    save_file(source.state_dict(), str(tmp_path / "source.safetensors"))
+    args = _cli(config, *_args(idx_dir, tmp_path / "run", "--model", "test_tiny_relu", "--convert",
+                               "--convert-function-preserving", "--initial-checkpoint", str(tmp_path / "source.safetensors"),
+                               "--epochs", "1", "--lr", "0", "--weight-decay", "0", "--precise-bn-batches", "0"))
+    code, output = _in_process(capsys, args)
+    assert code == 0, output
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for key in ("0.weight", "3.weight", "8.weight"):  # the raw (un-normalised) weights, as saved
+        assert torch.equal(weights[key], source.state_dict()[key]), key
+    code, output = _in_process(capsys, _cli(config, *_args(idx_dir, tmp_path / "other", "--model", "test_tiny_relu",
+                                                           "--initial-checkpoint", str(tmp_path / "missing.pth"))))
+    assert code == 2 and "initial_checkpoint" in output and "does not exist" in output, output
+
+
+def test_initial_checkpoint_in_the_output_folder_follows_an_output_override(tmp_path):
+    from lcnn_timm.train.config import load_config
+
+    path = tmp_path / "convert.yaml"
+    path.write_text("output: output/train\ninitial_checkpoint: output/train/source/model.safetensors\n")
+    assert load_config(str(path)).initial_checkpoint == "output/train/source/model.safetensors"
+    assert load_config(str(path), {"output": "/runs"}).initial_checkpoint == "/runs/source/model.safetensors"
+    pinned = load_config(str(path), {"output": "/runs", "initial_checkpoint": "/w.pth"})
+    assert pinned.initial_checkpoint == "/w.pth"

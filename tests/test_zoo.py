@@ -13,6 +13,8 @@ import torch
 from lcnn_timm.cli import main as lcnn_main
 from lcnn_timm.zoo import ROWS
 
+PAPER_ROWS = [row for row in ROWS if row.paper]  # what reproduce runs by default
+
 TINY = {"epochs": "1", "batch_size": "8", "train_num_samples": "16", "val_num_samples": "8", "precise_bn_batches": "1",
         "model_kwargs": "{img_size: 32, channels: [4, 4, 4, 4]}"}
 
@@ -63,7 +65,7 @@ def test_reproduce_trains_evaluates_and_stages_every_row(reproduce_args, monkeyp
 
     results = tmp_path / "results"
     summary = json.loads((results / "summary.json").read_text())
-    assert [row["row"] for row in summary["rows"]] == [row.key for row in ROWS]
+    assert [row["row"] for row in summary["rows"]] == [row.key for row in PAPER_ROWS]
     for row in summary["rows"]:
         metrics = json.loads((results / row["results"]).read_text())["metrics"]
         assert metrics["accuracy"]["count"] == 8 and metrics["curvature"]["count"] == 4
@@ -73,7 +75,7 @@ def test_reproduce_trains_evaluates_and_stages_every_row(reproduce_args, monkeyp
         assert np.mean(per_example) == pytest.approx(metrics["curvature"]["curvature"]["mean"], rel=1e-9)
         assert row["train_seconds"] > 0
     table = (results / "table.md").read_text()
-    assert table.count("\n") == 2 + len(ROWS) and "| LCNN + GradReg |" in table and "| 1.00x" in table
+    assert table.count("\n") == 2 + len(PAPER_ROWS) and "| LCNN + GradReg |" in table and "| 1.00x" in table
     assert (results / "curvature_vs_robustness.png").read_bytes()[:4] == b"\x89PNG"
 
     # the two LCNN rows are staged in timm's layout and uploaded; their weights are the trained ones
@@ -91,7 +93,7 @@ def test_reproduce_trains_evaluates_and_stages_every_row(reproduce_args, monkeyp
     capsys.readouterr()
     assert lcnn_main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("already trained") == len(ROWS) and "evaluating" not in out
+    assert out.count("already trained") == len(PAPER_ROWS) and "evaluating" not in out
 
 
 def test_reproduce_rejects_unknown_rows_and_push_without_token(reproduce_args, monkeypatch, capsys):
@@ -104,3 +106,18 @@ def test_reproduce_rejects_unknown_rows_and_push_without_token(reproduce_args, m
     assert lcnn_main([*argv, "--push"]) == 2
     assert "hf auth login" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # stopped before training anything
+
+
+def test_the_conversion_row_loads_the_relu_rows_weights():
+    """``--rows relu,convert``: the convert config's initial_checkpoint is where the relu row saves its model, also
+    when reproduce's --set moves the output folder."""
+    from lcnn_timm.train.config import load_config
+    from lcnn_timm.train.paths import output_dir
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for overrides in ({}, {"output": "/elsewhere"}):
+        relu = load_config(str(root / "fashion_mnist_relu.yaml"), overrides)
+        convert = load_config(str(root / "fashion_mnist_convert.yaml"), overrides)
+        assert Path(convert.initial_checkpoint) == output_dir(relu) / "model.safetensors"
+        assert convert.convert and convert.convert_function_preserving and convert.model == relu.model
+        assert convert.model_kwargs == relu.model_kwargs and relu.model_kwargs["act_layer"] == "relu"

@@ -45,12 +45,14 @@ class TrainConfig:
     # model
     model: str = "lcnn_resnet18"
     pretrained: bool = False
+    initial_checkpoint: Optional[str] = None  # weights loaded before convert (timm train.py's name); moves with --output
     num_classes: Optional[int] = None
     in_chans: Optional[int] = None
     img_size: Optional[int] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     convert: bool = False  # LCNN-ify the (stock timm) model with lcnn_timm.convert_model before training
     convert_function_preserving: bool = False
+    convert_beta: Optional[float] = None  # initial softplus beta of a conversion; unset: convert_model's default
     drop: float = 0.0
     channels_last: Optional[bool] = None  # None ('auto'): the faster layout in the start-up probe
     torchcompile: Optional[str] = None
@@ -210,7 +212,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of keys to values, got {type(loaded).__name__}")
         values.update({_normalise_key(k): v for k, v in loaded.items()})
-    values.update(overrides or {})
+    overrides = dict(overrides or {})
+    _follow_output(values, overrides)
+    values.update(overrides)
     kwargs = {}
     for key, value in values.items():
         if key in TIMM_PIPELINE_KEYS:
@@ -225,6 +229,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     cfg = TrainConfig(**kwargs)
     _check_model_penalty(cfg)
     return cfg
+
+
+def _follow_output(file_values: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+    """A file's ``initial_checkpoint`` inside its own ``output`` folder (another run of the same configs, e.g. the
+    conversion row's source) moves with an ``output`` override, unless the override also names the checkpoint."""
+    checkpoint, output = file_values.get("initial_checkpoint"), file_values.get("output")
+    if "output" not in overrides or "initial_checkpoint" in overrides or not (checkpoint and output):
+        return
+    try:
+        inside = Path(checkpoint).relative_to(output)
+    except ValueError:
+        return
+    overrides["initial_checkpoint"] = str(Path(overrides["output"]) / inside)
 
 
 def penalty_weights(value: Sequence[float]) -> Tuple[float, float]:

@@ -95,8 +95,11 @@ def resume_problem(cfg: TrainConfig) -> Optional[str]:
 
 
 def preflight(cfg: TrainConfig) -> Optional[str]:
-    """The first path problem of a run (data folder, output folder, resume target), or None."""
+    """The first path problem of a run (output folder, initial checkpoint, data folder, resume target), or None."""
     problem = unwritable_reason(output_dir(cfg))
     if problem:
         return f"output folder {output_dir(cfg)}: {problem}; choose a writable output"
+    if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
+        return (f"initial_checkpoint {cfg.initial_checkpoint} does not exist (a conversion row needs its source "
+                "model trained first, e.g. configs/fashion_mnist_relu.yaml)")
     return data_dir_problem(cfg) or resume_problem(cfg)

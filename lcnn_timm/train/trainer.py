@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from timm.models import create_model
+from timm.models import load_checkpoint as load_timm_weights
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import distribute_bn
@@ -186,6 +187,11 @@ class Trainer:
                                  in_chans=self.in_chans, drop_rate=cfg.drop, **model_kwargs)
         except (RuntimeError, OSError, ValueError, TypeError) as error:  # unknown name, bad kwarg, weights unreachable
             raise TrainSetupError(f"model {cfg.model!r}: {_first_line(error)}") from None
+        if cfg.initial_checkpoint:
+            try:
+                load_timm_weights(model, cfg.initial_checkpoint)
+            except (RuntimeError, OSError, KeyError) as error:  # wrong architecture, unreadable file
+                raise TrainSetupError(f"initial_checkpoint {cfg.initial_checkpoint}: {_first_line(error)}") from None
         if cfg.convert:
             model = self._convert(model)
         model.to(self.device)
@@ -241,7 +247,7 @@ class Trainer:
 
         size = (self.in_chans, *self.image_size)
         try:
-            model, report = convert_model(model, input_size=size,
+            model, report = convert_model(model, input_size=size, beta=self.cfg.convert_beta,
                                           function_preserving=self.cfg.convert_function_preserving)
         except (RuntimeError, ValueError, TypeError) as error:
             raise TrainSetupError(f"convert: {self.cfg.model!r} at input {size}: {_first_line(error)}") from None
@@ -495,7 +501,7 @@ class Trainer:
         """
         model = unwrap_model(self.model) if model is None else model
         # eval mode divides by the Rayleigh quotient of the stored singular vectors, which one power step per
-        # training forward can leave far from converged (up to 28% low in the first zoo checkpoint): converge
+        # training forward can leave far from converged (13% low in the quick config without it): converge
         # them first, so the statistics are those of the network as it is evaluated and saved
         refresh_spectral_norms(model)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
