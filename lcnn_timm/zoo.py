@@ -212,6 +212,17 @@ def comparison_table(zoo: Zoo, summaries: List[Dict[str, Any]], results_dir: Pat
     return "\n".join(lines) + "\n"
 
 
+def _earlier_rows(results_dir: Path, zoo: Zoo) -> Dict[str, Dict[str, Any]]:
+    """The row summaries of an earlier run into ``results_dir`` whose results are still there."""
+    path = results_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("zoo") != zoo.name:
+        return {}
+    return {s["row"]: s for s in earlier.get("rows", []) if (results_dir / s["results"]).is_file()}
+
+
 def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Run the requested rows, then write table.md, summary.json and the figure; returns the row summaries."""
     from .evaluation.plots import curvature_robustness_figure
@@ -232,7 +243,10 @@ def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
         resolve_token()
     results_dir = Path(args.results_dir or Path(args.hub_cards_dir) / "results" / zoo.name)
-    summaries = [_run_row(known[key], zoo, args, results_dir) for key in keys]
+    run = {key: _run_row(known[key], zoo, args, results_dir) for key in keys}
+    # rows run earlier into the same folder stay in the table: running a subset (e.g. --rows relu,convert) adds to it
+    merged = {**_earlier_rows(results_dir, zoo), **run}
+    summaries = [merged[r.key] for r in ROWS if r.key in merged]
     atomic_write_text(results_dir / "summary.json", json.dumps({"zoo": zoo.name, "rows": summaries}, indent=2))
     atomic_write_text(results_dir / "table.md", comparison_table(zoo, summaries, results_dir))
     curvature_robustness_figure(

@@ -121,3 +121,15 @@ def test_the_conversion_row_loads_the_relu_rows_weights():
         assert Path(convert.initial_checkpoint) == output_dir(relu) / "model.safetensors"
         assert convert.convert and convert.convert_function_preserving and convert.model == relu.model
         assert convert.model_kwargs == relu.model_kwargs and relu.model_kwargs["act_layer"] == "relu"
+
+
+def test_a_subset_of_rows_adds_to_the_earlier_table(reproduce_args):
+    """Running --rows standard after --rows lcnn keeps the LCNN row in summary.json and table.md (a subset used to
+    replace them)."""
+    tmp_path, argv = reproduce_args
+    assert lcnn_main([*argv, "--rows", "lcnn"]) == 0
+    assert lcnn_main([*argv, "--rows", "standard"]) == 0
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert [row["row"] for row in summary["rows"]] == ["standard", "lcnn"]  # in the table's order
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "| Standard |" in table and "| LCNN |" in table
