@@ -17,9 +17,9 @@ singular value from below, so it cannot certify anything. Here:
   Gram iteration. Proof in docs/certificates.md.
 * :func:`dense_conv_norm_bound`: exact to ~1e-7 where the circular embedding is
   loose (small maps: 1.25-1.28x on 4x4). The zero-padded conv is
-  ``A = sum_k S_k (x) W_k`` (``S_k`` the 0/1 map of tap ``k`` between positions),
-  so its Gram matrix ``M = sum_{k,l} S_k^T S_l (x) W_k^T W_l`` is assembled from
-  tap products; ``lambda_max(M) <= mu`` is then *verified* by a Cholesky
+  ``A = sum_k S_k (x) W_k`` (``S_k`` the 0/1 map of tap ``k`` between positions,
+  kept as index lists), so its Gram matrix ``M = sum_{k,l} S_k^T S_l (x) W_k^T W_l``
+  is assembled from tap products; ``lambda_max(M) <= mu`` is then *verified* by a Cholesky
   factorisation of ``mu I - M`` running to completion, with the floating-point
   error of the assembly and the factorisation bounded explicitly (Higham,
   Accuracy and Stability, Thm 10.3; docs/certificates.md).
@@ -90,15 +90,28 @@ def _gamma(k: int) -> float:
     return k * _UNIT_ROUNDOFF / (1 - k * _UNIT_ROUNDOFF)
 
 
-def _tap_selections(op: ConvOperator, kernel_size: Tuple[int, int]) -> torch.Tensor:
-    """``S`` of shape ``(taps, out positions, in positions)``: 1 where tap ``k`` of an output position reads an input
-    position (the operator's own padding, stride and dilation, applied to one-hot kernels and one-hot images)."""
+def _tap_sources(op: ConvOperator, kernel_size: Tuple[int, int]) -> torch.Tensor:
+    """``(taps, out positions)``: the input position that tap ``k`` of each output position reads, -1 for padding.
+
+    The operator's own padding, stride and dilation applied to an image holding ``position + 1`` with one-hot kernels
+    (exact in float64: each output is one input value times 1).
+    """
     h, w = op.input_size
     taps = kernel_size[0] * kernel_size[1]
-    images = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    image = torch.arange(1, h * w + 1, dtype=torch.float64).reshape(1, 1, h, w)
     kernels = torch.eye(taps, dtype=torch.float64).reshape(taps, 1, *kernel_size)
     single = dataclasses.replace(op, in_channels=1, groups=1)
-    return single.apply(images, kernels).flatten(2).permute(1, 2, 0)
+    return single.apply(image, kernels).reshape(taps, -1).round().long() - 1
+
+
+def _destinations(sources: torch.Tensor, positions: int) -> torch.Tensor:
+    """The inverse maps ``(taps, in positions)``: the output position whose tap ``k`` reads each input, -1 if none
+    (unique: a tap reads different inputs for different outputs)."""
+    destinations = torch.full((sources.shape[0], positions), -1, dtype=torch.long)
+    for k, row in enumerate(sources):
+        valid = row >= 0
+        destinations[k, row[valid]] = valid.nonzero().flatten()
+    return destinations
 
 
 def dense_conv_norm_bound(weight: torch.Tensor, op: ConvOperator, limit: int = DENSE_LIMIT) -> Optional[torch.Tensor]:
@@ -109,28 +122,38 @@ def dense_conv_norm_bound(weight: torch.Tensor, op: ConvOperator, limit: int = D
     where the factorisation fails); the bound is ``sqrt`` of ``mu`` plus the explicit float64 error bounds.
     """
     weight = weight.detach().double()
-    op.output_shape(weight)
+    _, _, out_h, out_w = op.output_shape(weight)
     c_out, c_in_g, k_h, k_w = weight.shape
-    taps = _tap_selections(op, (k_h, k_w))  # (K, P_out, P_in)
     per_tap = weight.reshape(op.groups, c_out // op.groups, c_in_g, k_h * k_w).permute(0, 3, 1, 2)  # (g, K, o, i)
-    if taps.shape[1] * per_tap.shape[2] < taps.shape[2] * per_tap.shape[3]:  # A A^T is the smaller Gram matrix
-        taps, per_tap = taps.transpose(1, 2), per_tap.transpose(2, 3)
-    side = taps.shape[2] * per_tap.shape[3]
+    in_positions, out_positions = op.input_size[0] * op.input_size[1], out_h * out_w
+    # A^T A pairs, per output position, the inputs two taps read; A A^T pairs, per input, the outputs reading it
+    transposed = out_positions * per_tap.shape[2] < in_positions * per_tap.shape[3]
+    positions = out_positions if transposed else in_positions
+    side = positions * (per_tap.shape[2] if transposed else per_tap.shape[3])
     if side > limit or op.groups * side * side > limit * limit:
         return None
+    sources = _tap_sources(op, (k_h, k_w))
+    index = _destinations(sources, in_positions) if transposed else sources
+    if transposed:
+        per_tap = per_tap.transpose(2, 3)
+    channels = per_tap.shape[3]
     start = torch.randn(op.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     estimate, _ = lanczos_top_singular_value(lambda v: op.apply(v, weight), lambda u: op.adjoint(u, weight), start,
                                              max_steps=200, tol=1e-12)
-    # M = sum_{k,l} (S_k^T S_l) (x) (W_k^T W_l): entries of S_k^T S_l are 0 or 1, so each entry of M is a sum of
-    # K^2 terms, each a sum of c products (c the contracted channels)
-    positions = torch.einsum("kab,lac->klbc", taps, taps)
-    channels = torch.einsum("gkoi,gloj->gklij", per_tap, per_tap)
-    gram = torch.einsum("klbc,gklij->gbicj", positions, channels).reshape(op.groups, side, side)
+    # M = sum_{k,l} (S_k^T S_l) (x) (W_k^T W_l), S_k^T S_l a 0/1 matrix with one entry per position both taps reach:
+    # each entry of M is a sum of at most K^2 terms, each a sum of c products (c the contracted channels)
+    products = torch.einsum("gkoi,gloj->gklij", per_tap, per_tap)
+    gram = torch.zeros(op.groups, positions, channels, positions, channels, dtype=torch.float64)
+    for k in range(index.shape[0]):
+        for l in range(index.shape[0]):
+            both = (index[k] >= 0) & (index[l] >= 0)
+            gram[:, index[k][both], :, index[l][both], :] += products[:, k, l]  # pairs are distinct: no collisions
+    gram = gram.reshape(op.groups, side, side)
     top = _verified_top_eigenvalue(gram, estimate**2)
     if top is None:
         return None
     # |M_computed - M| <= gamma (|A|^T |A|) entrywise, and ||(|A|^T |A|)|| <= ||A||_F^2 = trace(M)
-    assembly = _gamma(per_tap.shape[2] + taps.shape[0] ** 2) * gram.diagonal(dim1=1, dim2=2).sum(-1).max() * (1 + 1e-6)
+    assembly = _gamma(per_tap.shape[2] + index.shape[0] ** 2) * gram.diagonal(dim1=1, dim2=2).sum(-1).max() * (1 + 1e-6)
     return (top + assembly).sqrt() * (1.0 + ROUNDING_MARGIN)
 
 
