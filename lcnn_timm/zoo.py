@@ -150,6 +150,8 @@ def _run_row(row: Row, zoo: Zoo, args: argparse.Namespace, results_dir: Path) ->
                      "--dataset", f"{zoo.dataset}:test", "--metrics", ",".join(EVAL_METRICS),
                      "--costly-count", str(args.costly_count), "--pgd-eps", ",".join(map(str, zoo.pgd_eps)),
                      "--pgd-steps", str(args.pgd_steps), "--out", str(out)]
+        if cfg.convert:
+            eval_argv.append("--convert")
         if args.curvature_iterations is not None:
             eval_argv += ["--curvature-iterations", str(args.curvature_iterations)]
         if args.data_dir or cfg.data_dir:

@@ -262,3 +262,29 @@ def test_unknown_model_names_close_matches_or_says_there_are_none(capsys):
     assert lcnn_main(["evaluate", "zzqqxx", "--dataset", "synthetic", "--out", "/tmp/unused.json"]) == 2
     err = capsys.readouterr().err
     assert "no registered model has a similar name" in err and "[]" not in err
+
+
+def test_a_converted_runs_checkpoint_is_evaluated_with_convert(tmp_path, capsys):
+    """Issue 24: the checkpoint of a 'convert: true' run only loads into the converted model (reproduce's convert
+    row failed with 'unexpected keys'); --convert rebuilds it, and every value comes from the checkpoint."""
+    import lcnn_timm
+
+    kwargs = dict(num_classes=4, in_chans=1, img_size=8, channels=[4, 4, 4, 4], act_layer="relu")
+    trained, _ = lcnn_timm.convert_model(timm.create_model("cifar_resnet18_025", **kwargs))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)  # not what a fresh conversion would hold
+    path = tmp_path / "converted.safetensors"
+    safetensors.torch.save_file(trained.state_dict(), str(path))
+    model_kwargs = ["--model-kwargs", *[f"{k}={json.dumps(v)}" for k, v in kwargs.items()]]
+    code, _ = run(tmp_path, "cifar_resnet18_025", "--checkpoint", str(path), *model_kwargs, "--dataset", "synthetic",
+                  "--metrics", "accuracy")
+    assert code == 2 and "unexpected keys" in capsys.readouterr().err
+    code, results = run(tmp_path, "cifar_resnet18_025", "--checkpoint", str(path), "--convert", *model_kwargs,
+                        "--dataset", "synthetic", "--metrics", "accuracy")
+    assert code == 0 and results["model"]["converted"] is True
+    from lcnn_timm.evaluation.model import create_eval_model
+
+    loaded = create_eval_model("cifar_resnet18_025", str(path), kwargs, convert=True).model
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

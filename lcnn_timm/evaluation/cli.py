@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V", help="extra timm.create_model arguments")
     p.add_argument("--pretrained", action="store_true", default=None,
                    help="load the registry's pretrained weights (default for hf-hub:/local-dir: names)")
+    p.add_argument("--convert", action="store_true",
+                   help="the checkpoint is of a 'convert: true' training run: convert the model before loading it")
     p.add_argument("--dataset", required=True, metavar="NAME[:SPLIT]",
                    help="cifar10, cifar100, fashion_mnist, synthetic, or a timm dataset spec; split defaults to test")
     p.add_argument("--data-dir", help="local dataset folder (Parquet for CIFAR, IDX files for Fashion-MNIST)")
@@ -106,6 +108,7 @@ def _model_info(args: argparse.Namespace, model: NormalizedModel, kwargs: Dict[s
         "name": args.model,
         "architecture": getattr(inner, "pretrained_cfg", {}).get("architecture"),
         "model_kwargs": kwargs,
+        "converted": bool(args.convert),
         "pretrained": bool(args.pretrained) or args.model.startswith(("hf-hub:", "local-dir:")) and not args.checkpoint,
         "checkpoint": args.checkpoint,  # as given: an absolute path would leak the local file system
         "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None,
@@ -163,7 +166,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--out {args.out}: {problem}")
     kwargs = _model_kwargs(args.model_kwargs)
     device = torch.device(args.device)
-    model = create_eval_model(args.model, args.checkpoint, kwargs, args.pretrained).to(device)
+    model = create_eval_model(args.model, args.checkpoint, kwargs, args.pretrained, args.convert).to(device)
     inner = model.model
     input_size = tuple(getattr(inner, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
     data = load_eval_data(

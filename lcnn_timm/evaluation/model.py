@@ -93,11 +93,14 @@ def create_eval_model(
         checkpoint: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         pretrained: Optional[bool] = None,
+        convert: bool = False,
 ) -> NormalizedModel:
     """Build ``timm.create_model(name, **model_kwargs)``, load ``checkpoint``, wrap it, switch to eval mode.
 
     ``pretrained`` defaults to True for ``hf-hub:`` / ``local-dir:`` names (they
     exist to carry weights) and to False otherwise; a checkpoint is loaded on top.
+    ``convert`` rebuilds the model as ``lcnn_timm.convert_model`` turned it into an LCNN (at its pretrained_cfg
+    input size) before loading: the checkpoint of a ``convert: true`` training run.
     Mean and std come from the model's pretrained config.
     """
     if pretrained is None:
@@ -105,6 +108,10 @@ def create_eval_model(
     if not name.startswith(_WEIGHTED_PREFIXES) and not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}{_close_matches(name)}")
     model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
+    if convert:
+        from ..convert import convert_model
+
+        model, _ = convert_model(model, inplace=True, init_iterations=1)  # every value comes from the checkpoint
     if checkpoint is not None:
         load_checkpoint_strict(model, checkpoint)
     config = timm.data.resolve_model_data_config(model)
