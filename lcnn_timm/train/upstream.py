@@ -27,8 +27,10 @@ def ignored_config_keys(script: ModuleType, argv: List[str]) -> Optional[List[st
         return None
     try:
         path = config_parser.parse_known_args(argv)[0].config
+        if not path:
+            return None
         with open(path) as f:
-            config = yaml.safe_load(f) if path else None
+            config = yaml.safe_load(f)
     except (AttributeError, OSError, yaml.YAMLError, SystemExit):
         return None
     if not isinstance(config, dict):
