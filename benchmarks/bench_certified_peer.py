@@ -35,6 +35,8 @@ from lcnn_timm.data.fashion_mnist import load_fashion_mnist
 from lcnn_timm.layers import CenteredSoftplus, spectral_norm
 from lcnn_timm.robustness.pgd import pgd_attack
 
+from bench_step import cpu_name  # the benchmark next to this script
+
 RADII = (0.1, 0.25, 0.5, 1.0)
 
 
@@ -95,7 +97,7 @@ def evaluate(name, model, certificate, images, labels, seconds):
     x, y = images.double(), labels
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item() * 100
-    radii = {k: torch.cat([v]) for k, v in certified_radii(model, x, y, certificate).items()}
+    radii = certified_radii(model, x, y, certificate)
     row = {"model": name, "clean": clean, "train_s": seconds}
     for eps in RADII:
         adv = pgd_attack(model, x, y, eps, steps=10, generator=torch.Generator().manual_seed(0))
@@ -125,8 +127,7 @@ def main() -> None:
     test_x, test_y = load_fashion_mnist("test")
     train_x, train_y = train_x[: args.train_count].float() / 255, train_y[: args.train_count]
     test_x, test_y = test_x[: args.count].float() / 255, test_y[: args.count]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     rows = []
 
     torch.manual_seed(args.seed)

@@ -19,7 +19,6 @@ printed beside them with the CPU's name.
 """
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,18 +30,14 @@ import lcnn_timm  # noqa: F401  (registers the models)
 from lcnn_timm.convert import convert_model
 from lcnn_timm.evaluation.datasets import load_eval_data
 from lcnn_timm.evaluation.metrics import MetricOptions, accuracy, curvature
-from lcnn_timm.evaluation.model import NormalizedModel
+from lcnn_timm.evaluation.model import NormalizedModel, create_eval_model
 from lcnn_timm.train.cli import main as train_main
 from lcnn_timm.train.config import load_config
+from lcnn_timm.zoo import training_seconds
+
+from bench_step import cpu_name  # the benchmark next to this script
 
 ZOO_STEPS = 3 * 469  # the zoo LCNN: 3 epochs of 60000 images in batches of 128
-
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def measure(model: torch.nn.Module, data_dir: Optional[str], curvature_count: int) -> Dict[str, Any]:
@@ -67,11 +62,6 @@ def _fine_tune(config: str, source: str, out: Path, name: str, overrides: List[s
         if train_main(argv) != 0:
             raise SystemExit(f"training {name} failed")
     return run
-
-
-def _seconds(run: Path) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return float(sum(row["epoch_seconds"] for row in rows))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -104,13 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
              for f in args.fractions.split(",")]
     for name, overrides, steps in runs:
         run = _fine_tune(args.config, args.source, out, name, overrides)
-        model = timm.create_model(cfg.model, **build)
-        model, _ = convert_model(model, input_size=(cfg.in_chans, 28, 28), beta=cfg.convert_beta,
-                                 function_preserving=cfg.convert_function_preserving)
-        timm.models.load_checkpoint(model, str(run / "model.safetensors"))
-        row(name, model, steps, _seconds(run))
+        model = create_eval_model(cfg.model, str(run / "model.safetensors"), build, convert=True).model
+        row(name, model, steps, training_seconds(run))
     row("zoo LCNN (from scratch)", timm.create_model("lcnn_resnet18_025.fmnist", pretrained=True), ZOO_STEPS)
-    summary = {"cpu": _cpu_name(), "torch": torch.__version__, "python": sys.version.split()[0], "rows": rows}
+    summary = {"cpu": cpu_name(), "torch": torch.__version__, "python": sys.version.split()[0], "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{summary['cpu']}\n| model | LCNN steps | train s | acc (%) | C_f median | C_f p90 |\n|---|---|---|---|---|---|")
     for r in rows:

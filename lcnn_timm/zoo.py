@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["PAPER_RESULTS", "ROWS", "ZOOS", "Row", "Zoo", "main", "reproduce"]
+__all__ = ["PAPER_RESULTS", "ROWS", "ZOOS", "Row", "Zoo", "main", "reproduce", "training_seconds"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _model_kwargs(cfg: Any) -> Dict[str, Any]:
     return {**(cfg.model_kwargs or {}), "num_classes": cfg.num_classes, "in_chans": cfg.in_chans}
 
 
-def _training_seconds(run_dir: Path) -> float:
+def training_seconds(run_dir: Path) -> float:
     """Time spent in training steps: the sum of the run's per-epoch ``epoch_seconds``."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return float(sum(row["epoch_seconds"] for row in rows))
@@ -164,7 +164,7 @@ def _run_row(row: Row, zoo: Zoo, args: argparse.Namespace, results_dir: Path) ->
             raise RuntimeError(f"evaluating {row.key} failed (see the message above)")
     shutil.copyfile(config, results_dir / row.key / "train.yaml")
     summary = {"row": row.key, "label": row.label, "model": cfg.model, "config": str(config),
-               "train_seconds": _training_seconds(run_dir), "epochs": cfg.epochs,
+               "train_seconds": training_seconds(run_dir), "epochs": cfg.epochs,
                "results": str(out.relative_to(results_dir))}
     if row.tag_suffix is not None:
         summary["hub_repo"] = _stage(row, zoo, cfg, run_dir, out, config, args)
