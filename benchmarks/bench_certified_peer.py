@@ -1,43 +1,49 @@
-"""Certified robustness on Fashion-MNIST, side by side: deel-torchlip's Fashion-MNIST example vs a 1-Lipschitz LCNN.
+"""Certified robustness on Fashion-MNIST, side by side: deel-torchlip's Fashion-MNIST example vs ``lcnn_lipcnn``.
 
-A first measurement for issue 23 section 2, not its deliverable: the LCNN here is a prototype built in this script
-from the package's layers (not a registered family, no shipped weights). Same data, same epochs, same batches, same
-optimiser (Adam 1e-3, batch 100), and the same radius code (``lcnn_timm.certify.radius.certified_radii``):
+Issue 23 section 2. Same data, same epochs, same batches, same optimiser (Adam 1e-3, batch 100, no augmentation),
+and the same radius code (``lcnn_timm.certify.radius.certified_radii``):
 
 * ``torchlip``: the network and loss of deel-torchlip's ``wasserstein_classification_fashionMNIST`` notebook
   (SpectralConv2d + GroupSort2 + ScaledL2NormPool2d, FrobeniusLinear head, LseHKRMulticlassLoss(0.9, 1.0, 10)),
   exported with ``vanilla_export``. Its logit map is 1-Lipschitz by construction (the library's claim, not
-  re-proved here), so ``L_ij = sqrt(2)``; GroupSort is not twice differentiable, so only first-order radii.
-* ``lcnn``: operator-norm spectrally normalised convs (stride 2 to downsample) and linears with centered softplus,
-  certified by ``lcnn_timm.certify.certify`` (Lipschitz and Hessian bounds of every logit difference); trained with
-  cross-entropy on ``temperature * (z_j + margin * L_j)`` for ``j != y`` (a Lipschitz-margin loss, ``L_j`` the head's
-  ``||w_y - w_j||``) plus ``beta_weight * sum(beta)``, which keeps the Hessian bound small.
+  re-proved here), so ``L_ij = sqrt(2)``; GroupSort is not twice differentiable, so only first-order radii
+  (``K = inf``: the gradient-path radius is then the first-order one).
+* ``lcnn``: the registered ``lcnn_lipcnn`` (1-Lipschitz, Softplus MaxMin), trained with the package's certified-margin
+  loss (``lcnn_timm.train.certified_loss``) plus ``beta_weight * sum(beta)``, as ``configs/fashion_mnist_lipcnn.yaml``
+  does, and certified by ``lcnn_timm.certify.certify`` (Lipschitz and Hessian bounds of every logit difference).
 
-Reports clean accuracy, certified accuracy (first-order, curvature-based, combined) and L2 PGD accuracy at each
-radius (pixels in [0, 1]) on the first ``--count`` test images, the share of images whose curvature-based radius
-exceeds the first-order one, and the training seconds, with the CPU's name. Needs ``pip install deel-torchlip``.
+Reports clean accuracy, certified accuracy (first-order, curvature-based, gradient-path "combined") and L2 PGD accuracy
+at each radius (pixels in [0, 1]) on the first ``--count`` test images, the radius distribution (quantiles over the
+correctly classified images), the share of images whose curvature-based and combined radii exceed the first-order one,
+and the training seconds, with the CPU's name; ``--json`` writes it all. Needs ``pip install deel-torchlip``.
 
-    python benchmarks/bench_certified_peer.py [--epochs 3] [--count 1000] [--train-count 60000]
+    python benchmarks/bench_certified_peer.py [--epochs 3] [--count 1000] [--train-count 60000] [--json PATH]
 """
 import argparse
+import json
 import math
 import time
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+import lcnn_timm  # noqa: F401  (registers lcnn_lipcnn)
 from lcnn_timm.certify import certify
 from lcnn_timm.certify.bounds import Certificate, MapBound
 from lcnn_timm.certify.radius import certified_radii
+from lcnn_timm.curvature.penalty import curvature_penalty
 from lcnn_timm.data.fashion_mnist import load_fashion_mnist
-from lcnn_timm.layers import CenteredSoftplus, spectral_norm
 from lcnn_timm.robustness.pgd import pgd_attack
+from lcnn_timm.train.certified_loss import LipschitzMarginLoss
 
 from bench_step import cpu_name  # the benchmark next to this script
 
 RADII = (0.1, 0.25, 0.5, 1.0)
+KINDS = ("first_order", "curvature", "combined")
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def torchlip_model() -> nn.Module:
@@ -51,25 +57,6 @@ def torchlip_model() -> nn.Module:
         nn.Flatten(), torchlip.SpectralLinear(1568, 64), torchlip.GroupSort2(),
         torchlip.FrobeniusLinear(64, 10, bias=True, disjoint_neurons=True), k_coef_lip=1.0,
     )
-
-
-def lcnn_model(beta: float) -> nn.Module:
-    return nn.Sequential(
-        spectral_norm(nn.Conv2d(1, 32, 3, padding=1), (28, 28)), CenteredSoftplus(beta),
-        spectral_norm(nn.Conv2d(32, 64, 4, stride=2, padding=1), (28, 28)), CenteredSoftplus(beta),
-        spectral_norm(nn.Conv2d(64, 64, 4, stride=2, padding=1), (14, 14)), CenteredSoftplus(beta),
-        nn.Flatten(), spectral_norm(nn.Linear(64 * 7 * 7, 128)), CenteredSoftplus(beta),
-        spectral_norm(nn.Linear(128, 10)),
-    )
-
-
-def lcnn_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, margin: float, temperature: float,
-              beta_weight: float) -> torch.Tensor:
-    head = model[-1].weight  # the effective (normalised) head weight
-    rows = (head[y][:, None, :] - head[None, :, :]).norm(dim=-1)  # ||w_y - w_j||, (batch, classes)
-    shifted = logits + margin * rows  # rows[y] = 0: the true class is not shifted
-    betas = sum(m.beta for m in model.modules() if isinstance(m, CenteredSoftplus))
-    return F.cross_entropy(temperature * shifted, y) + beta_weight * betas
 
 
 def train(model, loss_fn, images, labels, epochs, seed):
@@ -103,12 +90,16 @@ def evaluate(name, model, certificate, images, labels, seconds):
         adv = pgd_attack(model, x, y, eps, steps=10, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             row[f"pgd@{eps}"] = (model(adv).argmax(1) == y).float().mean().item() * 100
-        for kind in ("first_order", "curvature", "combined"):
+        for kind in KINDS:
             row[f"{kind}@{eps}"] = (radii[kind] > eps).float().mean().item() * 100
-    correct = radii["combined"] > 0
-    row["curvature_beats_first_order"] = (radii["curvature"] > radii["first_order"]).float().mean().item() * 100
-    row["median_first_order"] = radii["first_order"][correct].median().item() if correct.any() else 0.0
-    row["median_curvature"] = radii["curvature"][correct].median().item() if correct.any() else 0.0
+    correct = radii["first_order"] > 0
+    for kind in ("curvature", "combined"):
+        row[f"{kind}_beats_first_order"] = (radii[kind] > radii["first_order"]).float().mean().item() * 100
+        gain = radii[kind][correct] / radii["first_order"][correct]
+        row[f"{kind}_gain_quantiles"] = torch.quantile(gain, torch.tensor(QUANTILES, dtype=gain.dtype)).tolist()
+    for kind in KINDS:
+        values = radii[kind][correct]
+        row[f"{kind}_quantiles"] = torch.quantile(values, torch.tensor(QUANTILES, dtype=values.dtype)).tolist()
     return row
 
 
@@ -117,28 +108,33 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--count", type=int, default=1000, help="test images evaluated")
     p.add_argument("--train-count", type=int, default=60000)
-    p.add_argument("--margin", type=float, default=0.5)
+    p.add_argument("--margin", type=float, default=0.15, help="certified_margin of the LCNN's loss")
     p.add_argument("--temperature", type=float, default=10.0)
-    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=2.0, help="initial beta of every Softplus MaxMin")
     p.add_argument("--beta-weight", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the rows (and the machine) to this file")
     args = p.parse_args()
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     train_x, train_y = train_x[: args.train_count].float() / 255, train_y[: args.train_count]
     test_x, test_y = test_x[: args.count].float() / 255, test_y[: args.count]
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(machine, flush=True)
     rows = []
 
     torch.manual_seed(args.seed)
-    print("lcnn", flush=True)
-    lcnn = lcnn_model(args.beta)
-    seconds = train(lcnn, lambda z, y: lcnn_loss(lcnn, z, y, args.margin, args.temperature, args.beta_weight),
+    print("lcnn_lipcnn", flush=True)
+    lcnn = timm.create_model("lcnn_lipcnn", beta=args.beta)
+    margin_loss = LipschitzMarginLoss(lcnn.get_classifier(), args.margin, args.temperature)
+    seconds = train(lcnn, lambda z, y: margin_loss(z, y) + curvature_penalty(lcnn, args.beta_weight, 0.0).total,
                     train_x, train_y, args.epochs, args.seed)
     lcnn.eval()
-    certificate = certify(lcnn, (1, 28, 28))
-    rows.append(evaluate("lcnn", lcnn, certificate, test_x, test_y, seconds))
-    print(f"  L_ij max {certificate.lipschitz.max().item():.3f}, K_ij max {certificate.hessian.max().item():.3f}")
+    certificate = certify(lcnn.double())
+    rows.append(evaluate("lcnn_lipcnn", lcnn, certificate, test_x, test_y, seconds))
+    off = ~torch.eye(10, dtype=torch.bool)
+    rows[-1].update(lipschitz_max=certificate.lipschitz[off].max().item(), hessian_max=certificate.hessian[off].max().item())
+    print(f"  L_ij max {rows[-1]['lipschitz_max']:.3f}, K_ij max {rows[-1]['hessian_max']:.3f}")
 
     try:
         from deel import torchlip
@@ -156,12 +152,19 @@ def main() -> None:
                                   MapBound(torch.tensor(1.0), torch.tensor(math.inf)), (1, 28, 28))
         rows.append(evaluate("torchlip", vanilla, certificate, test_x, test_y, seconds))
 
-    keys = ["clean"] + [f"{k}@{e}" for e in RADII for k in ("first_order", "curvature", "combined", "pgd")]
-    print("\n| " + " | ".join(["model", *keys, "curv > 1st (%)", "median r 1st / curv", "train s"]) + " |")
+    keys = ["clean"] + [f"{k}@{e}" for e in RADII for k in (*KINDS, "pgd")]
+    print("\n| " + " | ".join(["model", *keys, "curv > 1st (%)", "combined > 1st (%)", "train s"]) + " |")
     for r in rows:
         cells = [f"{r[k]:.1f}" for k in keys]
         print(f"| {r['model']} | " + " | ".join(cells) + f" | {r['curvature_beats_first_order']:.1f} | "
-              f"{r['median_first_order']:.3f} / {r['median_curvature']:.3f} | {r['train_s']:.0f} |")
+              f"{r['combined_beats_first_order']:.1f} | {r['train_s']:.0f} |")
+    print(f"\nradius quantiles {QUANTILES} over correctly classified images:")
+    for r in rows:
+        for kind in KINDS:
+            print(f"  {r['model']} {kind}: " + " / ".join(f"{v:.3f}" for v in r[f"{kind}_quantiles"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,20 @@ def hessian_norm(f, x):
     return torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, x, create_graph=True)).abs().max()
 
 
+def certify_and_search(net, shape, pairs, xs, steps, hessian_start_scale=1.0):
+    """``certify(net)``, after checking that sampled and ascended gradient / Hessian norms of each pair's logit
+    difference stay within its bounds (and are non-zero)."""
+    certificate = certify(net)
+    for i, j in pairs:
+        f = difference(net, i, j, shape)
+        worst_grad, worst_hessian = map(max, zip(*(gradient_and_hessian_norms(f, x) for x in xs)))
+        worst_grad = max(worst_grad, ascend(f, xs[0], grad_norm, steps))
+        worst_hessian = max(worst_hessian, ascend(f, xs[1] * hessian_start_scale, hessian_norm, steps))
+        assert 0 < worst_grad <= certificate.lipschitz[i, j]
+        assert 0 < worst_hessian <= certificate.hessian[i, j]
+    return certificate
+
+
 THOROUGH = pytest.param(True, marks=pytest.mark.slow, id="thorough")
 
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from lcnn_timm.certify import certify
-from lcnn_timm.certify.radius import certified_radii, curvature_radius
-from lcnn_timm.layers import CenteredSoftplus, spectral_norm
+from lcnn_timm.certify.radius import certified_radii, curvature_radius, gradient_path_radius
+from lcnn_timm.layers import CenteredSoftplus, SoftplusMaxMin, spectral_norm
 from lcnn_timm.robustness.pgd import pgd_attack
 from test_certify_bounds import cnn
 
@@ -84,3 +84,43 @@ def test_no_flip_inside_the_radius_of_a_1d_net_straddling_the_softplus_series_sw
     grid = x0 + torch.linspace(-radius, radius, 20001, dtype=torch.float64).reshape(-1, 1) * (1 - 1e-12)
     with torch.no_grad():
         assert (net(grid).argmax(dim=1) == label).all()
+
+
+def test_gradient_path_radius_is_the_root_of_its_integral():
+    lipschitz = torch.tensor(2.0, dtype=torch.float64)
+    margin = torch.tensor([1.0, 3.0, 0.2, 1.0, 1.0, 1.0, 0.0, -1.0], dtype=torch.float64)
+    grad = torch.tensor([0.5, 0.5, 1.9, 2.0, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    hessian = torch.tensor([1.0, 1.0, 5.0, 1.0, float("inf"), 0.0, 1.0, 1.0], dtype=torch.float64)
+    radius = gradient_path_radius(margin, grad, lipschitz, hessian)
+    for k in (0, 1, 2, 3, 5):  # trapezoid-rule quadrature of min(L, |g| + K t) over [0, r] gives back the margin
+        t = torch.linspace(0, radius[k].item(), 200001, dtype=torch.float64)
+        area = torch.trapezoid(torch.minimum(lipschitz, grad[k] + hessian[k] * t), t)
+        assert area.item() == pytest.approx(margin[k].item(), rel=1e-6), k
+    assert radius[1].item() == pytest.approx(2.0625)  # past the knee t* = 1.5: 1.5 + (3 - 1.875) / 2
+    assert radius[3].item() == radius[4].item() == 0.5  # |g| = L, or K = inf: the first-order radius m / L
+    assert radius[5].item() == 2.0  # K = 0: the gradient never grows, m / |g|
+    assert radius[6].item() == radius[7].item() == 0.0
+    assert (radius >= margin.clamp_min(0) / lipschitz).all()
+    assert (radius >= curvature_radius(margin, grad, hessian) * (1 - 1e-15)).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_flip_inside_the_gradient_path_radius_on_a_dense_grid(seed):
+    """2-D inputs: every point of a 360-direction x 200-step polar grid inside each certified ball keeps its class,
+    and the path radius beats the first-order one (so the grid tests what the new bound adds)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(spectral_norm(nn.Linear(2, 8)), SoftplusMaxMin(1.0 + seed), spectral_norm(nn.Linear(8, 8)),
+                        CenteredSoftplus(2.0), spectral_norm(nn.Linear(8, 3))).double().eval()
+    x = torch.randn(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    radii = certified_radii(net, x, y, certify(net))
+    combined = radii["combined"]
+    assert (combined > radii["first_order"] * 1.001).float().mean() > 0.5
+    angles = torch.linspace(0, 2 * torch.pi, 361, dtype=torch.float64)[:-1]
+    directions = torch.stack([angles.cos(), angles.sin()], dim=1)
+    steps = torch.linspace(0, 1, 201, dtype=torch.float64)[1:]
+    for point, label, radius in zip(x, y, combined):
+        grid = point + (radius * steps)[:, None, None] * directions[None] * (1 - 1e-9)
+        with torch.no_grad():
+            assert (net(grid.reshape(-1, 2)).argmax(1) == label).all()

@@ -12,7 +12,7 @@ from lcnn_timm.export import freeze
 from lcnn_timm.layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual, is_spectral_normalized
 from lcnn_timm.models._pretrained import CIFAR100_LABEL_NAMES
 
-LCNN = ["lcnn_resnet18", "lcnn_resnet18_025", "lcnn_resnet34", "lcnn_vgg11"]
+LCNN = ["lcnn_lipcnn", "lcnn_resnet18", "lcnn_resnet18_025", "lcnn_resnet34", "lcnn_vgg11"]
 STANDARD = ["cifar_resnet18", "cifar_resnet18_025", "cifar_resnet34", "cifar_vgg11"]
 SMALL = dict(img_size=16, num_classes=5)
 
@@ -47,8 +47,9 @@ def _trained_stats(model, size=16, channels=3):
 def test_registered_names():
     assert timm.list_models("lcnn_*") == sorted(LCNN)
     assert set(STANDARD) <= set(timm.list_models("cifar_*"))
-    # only the Fashion-MNIST zoo's staged LCNNs have weights
-    assert timm.list_models("lcnn_*", pretrained=True) == ["lcnn_resnet18_025.fmnist", "lcnn_resnet18_025.fmnist_gradreg"]
+    # only the staged Fashion-MNIST LCNNs have weights
+    assert timm.list_models("lcnn_*", pretrained=True) == [
+        "lcnn_lipcnn.fmnist", "lcnn_resnet18_025.fmnist", "lcnn_resnet18_025.fmnist_gradreg"]
     assert "lcnn_resnet18.cifar100_gradreg" in timm.list_models("lcnn_resnet18*", include_tags=True)
 
 

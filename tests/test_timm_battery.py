@@ -12,7 +12,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import lcnn_timm  # noqa: F401  (registers the models)
 
-MODULES = ["cifar_resnet", "cifar_vgg"]
+MODULES = ["cifar_resnet", "cifar_vgg", "lipschitz_cnn"]
 MODELS = timm.list_models(module=MODULES)
 TAGS = timm.list_models(module=MODULES, include_tags=True)
 SIZE = 16
@@ -22,6 +22,8 @@ def _narrow(name):
     """Keyword arguments that keep a family's structure at a fraction of its width."""
     if "vgg" in name:
         return dict(stage_channels=((4,), (8,), (8, 8), (8, 8), (8, 8)))
+    if "lipcnn" in name:
+        return dict(stem_chs=4, stage_channels=(8, 8), dense_chs=8)
     return dict(channels=(4, 8, 8, 8))
 
 
@@ -52,7 +54,7 @@ def _one_thread():
 
 
 def test_every_family_module_is_covered():
-    assert len(MODELS) == 8 and set(TAGS) >= {f"{m}.fmnist" for m in MODELS}
+    assert len(MODELS) == 9 and set(TAGS) >= {f"{m}.fmnist" for m in MODELS}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -196,6 +198,7 @@ def _check_export(model, size):
     # the families' structure at its shallowest: exporting traces every op, ~1 s per conv on this CPU
     ("lcnn_resnet18", dict(layers=(1, 1), channels=(4, 8))),
     ("lcnn_vgg11", dict(stage_channels=((4,), (8,)))),
+    ("lcnn_lipcnn", dict(stem_chs=4, stage_channels=(4,), dense_chs=4)),
 ])
 def test_export_eval(name, kwargs):
     _check_export(timm.create_model(name, img_size=SIZE, **kwargs), SIZE)

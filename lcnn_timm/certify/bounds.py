@@ -7,7 +7,7 @@ For a map ``f`` let ``L(f)`` bound its Lipschitz constant and ``H(f)`` bound
     L(g o f) <= L(g) L(f),      H(g o f) <= H(g) L(f)^2 + L(g) H(f)
 
 Leaves: centered softplus ``(1, beta / 4)`` (``0 < s' <= 1``, ``|s''| <= beta / 4``,
-elementwise); eval-mode gamma-BN ``(min(gamma, ||BN||), 0)``; spectrally
+elementwise); Softplus MaxMin ``(1, beta / 2)``; eval-mode gamma-BN ``(min(gamma, ||BN||), 0)``; spectrally
 normalised conv/linear ``(certified norm of W / sigma, 0)`` (Gram iteration,
 :mod:`.operator_norm`); average pooling ``(sqrt(max row sum * max column sum), 0)``
 (Schur test, exact for global average pooling); identity/flatten/dropout ``(1, 0)``.
@@ -30,6 +30,7 @@ from torch import nn
 from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm, _lipschitz
 from ..layers.halves_residual import HalvesResidual
+from ..layers.softplus_maxmin import SoftplusMaxMin
 from ..layers.spectral_norm import ConvOperator, _norm_and_input, is_spectral_normalized
 from .operator_norm import DEFAULT_GRAM_ITERATIONS, ROUNDING_MARGIN, layer_norm_bound
 from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
@@ -112,6 +113,8 @@ class _CertifiedRules(Rules[MapBound]):
     def _value(self, module: nn.Module, name: str) -> MapBound:
         if isinstance(module, CenteredSoftplus):
             return MapBound(_scalar(1.0), module.beta.detach().double() / 4.0)
+        if isinstance(module, SoftplusMaxMin):
+            return MapBound(_scalar(1.0), module.hessian_bound())
         if isinstance(module, _GammaBatchNorm):
             return MapBound(gamma_bn_lipschitz(module), _scalar(0.0))
         if is_spectral_normalized(module):

@@ -6,10 +6,15 @@ and certified bounds ``L_j`` (Lipschitz) and ``K_j`` (Hessian) of ``f_j``:
 * first order: ``f_j(x + d) >= m_j - L_j ||d|| > 0`` for ``||d|| < m_j / L_j``;
 * curvature-based (Singla & Feizi, ICML 2020): by Taylor's theorem,
   ``f_j(x + d) >= m_j - ||g_j|| r - K_j r^2 / 2 > 0`` for ``||d|| = r`` below the
-  positive root ``2 m_j / (||g_j|| + sqrt(||g_j||^2 + 2 K_j m_j))``.
+  positive root ``2 m_j / (||g_j|| + sqrt(||g_j||^2 + 2 K_j m_j))``;
+* combined (gradient-path bound): along ``x + t u`` the gradient norm is at most
+  ``min(L_j, ||g_j|| + K_j t)``, so ``f_j(x + r u) >= m_j - A_j(r)`` with
+  ``A_j(r) = int_0^r min(L_j, ||g_j|| + K_j t) dt``, and the radius is the root of
+  ``A_j(r) = m_j``: at least both radii above (``min`` is at most either term), and
+  strictly above the first-order one wherever ``||g_j|| < L_j`` and ``K_j`` is finite.
 
-Each pair keeps the larger of its two radii; the example's radius is the minimum
-over ``j != y`` (0 when the example is misclassified). Proofs: docs/certificates.md.
+The example's radius is the minimum over ``j != y`` (0 when the example is
+misclassified). Proofs: docs/certificates.md.
 """
 from typing import Dict
 
@@ -19,7 +24,7 @@ from torch import nn
 from .bounds import Certificate, check_eval_mode
 from .operator_norm import ROUNDING_MARGIN
 
-__all__ = ["certified_radii", "curvature_radius"]
+__all__ = ["certified_radii", "curvature_radius", "gradient_path_radius"]
 
 
 def curvature_radius(margin: torch.Tensor, grad_norm: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -33,9 +38,25 @@ def curvature_radius(margin: torch.Tensor, grad_norm: torch.Tensor, hessian: tor
     return torch.where(positive, root, torch.zeros_like(root))
 
 
+def gradient_path_radius(margin: torch.Tensor, grad_norm: torch.Tensor, lipschitz: torch.Tensor,
+                         hessian: torch.Tensor) -> torch.Tensor:
+    """Root ``r`` of ``int_0^r min(L, |g| + K t) dt = margin`` (0 where ``margin <= 0``).
+
+    The gradient bound ``|g| + K t`` meets ``L`` at the knee ``t* = (L - |g|) / K`` (0 when ``|g| >= L``
+    or ``K = inf``, infinite when ``K = 0``) after the area ``A* = t* (|g| + L) / 2`` (a trapezoid):
+    below it the root is the curvature radius, above it ``t* + (margin - A*) / L``.
+    """
+    slack = (lipschitz - grad_norm).clamp_min(0)
+    knee = torch.where(slack > 0, slack / hessian, torch.zeros_like(slack))
+    knee_area = knee * (grad_norm + lipschitz) / 2
+    after_knee = knee + (margin - knee_area) / lipschitz
+    return torch.where(margin > knee_area, after_knee, curvature_radius(margin, grad_norm, hessian))
+
+
 def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     certificate: Certificate) -> Dict[str, torch.Tensor]:
-    """Certified L2 radii of a batch around its true labels: ``first_order``, ``curvature`` and ``combined``.
+    """Certified L2 radii of a batch around its true labels: ``first_order``, ``curvature`` and ``combined``
+    (the gradient-path radius, never below the other two).
 
     ``model`` must be the function ``certificate`` bounds, in eval mode; compute in float64
     (``model.double()``) so the margins and gradients carry no float32 rounding. A radius is
@@ -66,6 +87,7 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     hessian = certificate.hessian.to(logits)[labels]
     first = torch.where(margins > 0, margins / lipschitz, torch.zeros_like(margins))
     curved = curvature_radius(margins, grad_norms, hessian)
+    path = torch.maximum(gradient_path_radius(margins, grad_norms, lipschitz, hessian), torch.maximum(first, curved))
     others = torch.ones_like(margins, dtype=torch.bool)
     others[rows, labels] = False
     inf = torch.full_like(margins, float("inf"))
@@ -73,4 +95,4 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     def worst(per_pair: torch.Tensor) -> torch.Tensor:
         return torch.where(others, per_pair, inf).amin(dim=1)
 
-    return {"first_order": worst(first), "curvature": worst(curved), "combined": worst(torch.maximum(first, curved))}
+    return {"first_order": worst(first), "curvature": worst(curved), "combined": worst(path)}

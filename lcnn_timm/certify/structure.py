@@ -14,6 +14,7 @@ from torch import nn
 from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm
 from ..layers.halves_residual import HalvesResidual
+from ..layers.softplus_maxmin import SoftplusMaxMin
 from ..layers.spectral_norm import is_spectral_normalized
 
 __all__ = ["AVERAGE_POOLS", "UNIT_LEAVES", "Rules", "UnsupportedStructureError", "chain_children", "check_structure",
@@ -60,7 +61,7 @@ def is_covered_leaf(module: nn.Module) -> bool:
     """True for the leaves the theory covers (a spectrally normalised layer's parametrizations are part of it)."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         return is_spectral_normalized(module)
-    return isinstance(module, (CenteredSoftplus, _GammaBatchNorm) + UNIT_LEAVES + AVERAGE_POOLS)
+    return isinstance(module, (CenteredSoftplus, SoftplusMaxMin, _GammaBatchNorm) + UNIT_LEAVES + AVERAGE_POOLS)
 
 
 def _why_outside(module: nn.Module) -> Optional[str]:
@@ -78,7 +79,7 @@ def _why_outside(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
         return "is attention, which has no global Lipschitz bound"
     if not list(module.children()):
-        return ("is outside the theory (covered: centered softplus, gamma-BN, spectrally normalised conv/linear, "
+        return ("is outside the theory (covered: centered softplus, Softplus MaxMin, gamma-BN, spectrally normalised conv/linear, "
                 "average pooling, flatten, identity, dropout, halves residual blocks)")
     return None
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..certify.structure import Rules, UnsupportedStructureError, compose
 from ..layers.centered_softplus import CenteredSoftplus
 from ..layers.gamma_batchnorm import _GammaBatchNorm
+from ..layers.softplus_maxmin import SoftplusMaxMin
 
 __all__ = ["ProxyTerms", "UnsupportedStructureError", "curvature_proxy", "layer_proxy"]
 
@@ -47,7 +48,7 @@ class _ProxyRules(Rules[ProxyTerms]):
     identity = ProxyTerms(torch.tensor(1.0), torch.tensor(0.0))
 
     def leaf(self, module: nn.Module, name: str) -> ProxyTerms:
-        if isinstance(module, CenteredSoftplus):
+        if isinstance(module, (CenteredSoftplus, SoftplusMaxMin)):  # the penalty's beta, as for a softplus
             return ProxyTerms(torch.tensor(1.0), module.beta.detach().cpu())
         if isinstance(module, _GammaBatchNorm):
             return ProxyTerms(module.lipschitz_constant().detach().cpu(), torch.tensor(0.0))

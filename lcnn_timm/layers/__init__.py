@@ -1,7 +1,8 @@
-"""LCNN layers: centered softplus, gamma-Lipschitz BatchNorm, operator spectral norm, the halves residual block."""
+"""LCNN layers: centered softplus, Softplus MaxMin, gamma-Lipschitz BatchNorm, operator spectral norm, the halves residual block."""
 from .centered_softplus import CenteredSoftplus, centered_softplus, compiled_centered_softplus
 from .gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, batchnorm_lipschitz
 from .halves_residual import FoldedHalvesResidual, HalvesResidual
+from .softplus_maxmin import SoftplusMaxMin
 from .spectral_norm import (
     ConvOperator,
     LinearOperator,

@@ -25,6 +25,7 @@ __all__ = [
     "FLATTEN_POOL",
     "STANDARD_LAYERS",
     "CifarClassifier",
+    "StemStagesClassifier",
     "ConvNormAct",
     "LayerFactory",
     "conv_output_size",
@@ -340,3 +341,17 @@ class CifarClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class StemStagesClassifier(CifarClassifier):
+    """A :class:`CifarClassifier` whose features are ``stages(stem(x))`` (checkpointing per stage block)."""
+
+    def bound_chain(self) -> List[Tuple[str, nn.Module]]:
+        """Layers in forward order, for :func:`lcnn_timm.certify.certify` and :func:`lcnn_timm.curvature.curvature_proxy`."""
+        return [("stem", self.stem), ("stages", self.stages), *self.head_bound_chain()]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x, flatten=True)
+        return self.stages(x)

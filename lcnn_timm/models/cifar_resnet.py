@@ -15,20 +15,20 @@ identity or a 1x1 conv-BN unit, global average pooling and a Linear head.
   (16/32/64/128 channels), the CPU-sized models of the Fashion-MNIST zoo.
 """
 from functools import partial
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import torch
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..layers import CenteredSoftplus, GammaBatchNorm2d, HalvesResidual
 from ._pretrained import fashion_mnist_zoo_cfgs, lcnn_cfgs, standard_cfgs
 from ._units import (
     STANDARD_LAYERS,
-    conv_output_size,
-    CifarClassifier,
     ConvNormAct,
     LayerFactory,
+    StemStagesClassifier,
+    conv_output_size,
     create_cifar_model,
     resolve_act_layer,
     resolve_norm_layer,
@@ -38,7 +38,7 @@ from ._units import (
 __all__ = ["CifarResNet"]
 
 
-class CifarResNet(CifarClassifier):
+class CifarResNet(StemStagesClassifier):
     """Halves-block ResNet for small images; LCNN form by default.
 
     Args:
@@ -102,15 +102,6 @@ class CifarResNet(CifarClassifier):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
-    def bound_chain(self) -> List[Tuple[str, nn.Module]]:
-        """Layers in forward order, for :func:`lcnn_timm.certify.certify` and :func:`lcnn_timm.curvature.curvature_proxy`."""
-        return [("stem", self.stem), ("stages", self.stages), *self.head_bound_chain()]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x, flatten=True)
-        return self.stages(x)
 
 
 def feature_size(img_size: Tuple[int, int]) -> Tuple[int, int]:

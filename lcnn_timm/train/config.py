@@ -98,6 +98,8 @@ class TrainConfig:
     beta_weight: float = 0.0
     gamma_weight: float = 0.0
     gamma_cap: float = 0.0  # > 0: gamma <= gamma_cap in every gamma-BN after each step (lcnn_timm.certify.cap_gamma)
+    certified_margin: float = 0.0  # > 0: certified-margin loss (lcnn_timm.train.certified_loss) instead of CE
+    certified_temperature: float = 10.0
     gradreg_weight: float = 0.0
     gradreg_mode: str = "exact"
     gradreg_scale: float = 1e5

@@ -1,4 +1,5 @@
 """``LCNNTask``: timm's classification task plus the LCNN penalty, GradReg, CURE and adversarial training."""
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -6,8 +7,10 @@ import torch
 from timm.task import ClassificationTask
 from timm.utils.model import unwrap_model
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..curvature.penalty import curvature_penalty
+from .certified_loss import LipschitzMarginLoss
 from .regularizers import cure_penalty, frozen_state, gradreg_exact, gradreg_finite_difference, pgd_l2
 
 __all__ = ["AdversarialConfig", "LCNNTask"]
@@ -30,7 +33,8 @@ class LCNNTask(ClassificationTask):
 
     ``loss = CE + beta_weight * sum(beta) + gamma_weight * sum|log gamma|
     + gradreg_weight * GradReg + cure_weight * CURE``, on adversarial inputs when
-    ``adversarial`` is set. A weight of 0 switches its term off (and its cost).
+    ``adversarial`` is set. A weight of 0 switches its term off (and its cost). ``CE`` is
+    ``criterion``: cross-entropy, or :class:`LipschitzMarginLoss` (certified-margin training).
 
     ``forward`` returns ``loss`` and ``output`` plus, for logging, the weighted
     terms ``loss_ce``, ``loss_curvature``, ``loss_gradreg``, ``loss_cure`` (they sum
@@ -91,8 +95,11 @@ class LCNNTask(ClassificationTask):
                            labels=target if adv.use_true_labels else None)
         needs_input_grad = self.gradreg_weight > 0 or self.cure_weight > 0
         inputs = input.detach().requires_grad_(True) if needs_input_grad else input
-        output = model(inputs)
-        ce = self.criterion(output, target)
+        # the certified-margin loss reads the head's normalised weight: the one this forward used, not a recomputation
+        reads_head = isinstance(self.criterion, LipschitzMarginLoss)
+        with parametrize.cached() if reads_head else contextlib.nullcontext():
+            output = model(inputs)
+            ce = self.criterion(output, target)
         loss = ce
         parts: Dict[str, torch.Tensor] = {"loss_ce": ce.detach()}
         if self.beta_weight > 0 or self.gamma_weight > 0:

@@ -37,6 +37,7 @@ from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
 from ..layers.spectral_norm import normalized_layer_norms, refresh_spectral_norms
 from .checkpoint import CheckpointError, atomic_write_text, describe_mismatch, load_checkpoint, save_checkpoint, save_weights
 from .paths import checkpoint_candidates, data_dir_problem, output_dir, preflight, resume_folder, resume_problem
+from .certified_loss import LipschitzMarginLoss
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
 from .precision import PrecisionChoice, choose_precision
@@ -198,7 +199,7 @@ class Trainer:
         self.model = model
         # before EMA, compile and DDP copy or wrap the model: they then see its final memory layout
         self._set_precision(PrecisionChoice.from_dict(precision_choice) if precision_choice else self._probe_precision())
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+        criterion = self._criterion(model)
         adversarial = (AdversarialConfig(cfg.adv_eps, cfg.adv_step, cfg.adv_steps, cfg.adv_true_labels)
                        if cfg.adv_training else None)
         self.task = LCNNTask(
@@ -219,6 +220,19 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.task.prepare_distributed(device_ids=ids, find_unused_parameters=cfg.ddp_find_unused_parameters)
+
+    def _criterion(self, model: nn.Module) -> nn.Module:
+        """Cross-entropy, or the certified-margin loss on the model's head when ``certified_margin > 0``."""
+        cfg = self.cfg
+        if not cfg.certified_margin:
+            return nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+        if cfg.smoothing:
+            raise TrainSetupError("smoothing and certified_margin do not combine: the certified-margin loss is "
+                                  "cross-entropy on margin-shifted logits, without label smoothing")
+        try:
+            return LipschitzMarginLoss(model.get_classifier(), cfg.certified_margin, cfg.certified_temperature)
+        except ValueError as error:
+            raise TrainSetupError(f"certified_margin: {error}") from None
 
     def _probe_precision(self) -> PrecisionChoice:
         """The precision and layout: as configured, or (``auto``) measured on the first training batch."""
