@@ -527,3 +527,13 @@ def test_card_without_results_names_the_configs_dataset():
     card = render_card(repo_id='org/quick', architecture='lcnn_resnet18_025', num_classes=10, input_size=[1, 28, 28],
                        train_config_text=config, train_config_name='fashion_mnist_quick.yaml')
     assert 'trained on Fashion-MNIST' in card and 'unknown' not in card
+
+
+def test_a_batchnorm_free_lcnn_is_carded_as_one():
+    """lcnn_lipcnn has betas and no gamma-BN: its card was titled "a baseline ... not a low-curvature model"."""
+    config = json.loads((HUB_CARDS / 'lcnn_lipcnn.fmnist' / 'config.json').read_text())
+    assert config['lcnn_timm']['lcnn'] is True and config['lcnn_timm']['gamma_bn'] is False
+    card = (HUB_CARDS / 'lcnn_lipcnn.fmnist' / 'README.md').read_text()
+    assert 'a low-curvature `lcnn_lipcnn`' in card and 'without BatchNorm' in card and 'baseline' not in card
+    baseline = json.loads((HUB_CARDS / 'lcnn_resnet18_025.fmnist' / 'config.json').read_text())
+    assert baseline['lcnn_timm']['lcnn'] is True  # betas and gamma-BN: unchanged

@@ -47,6 +47,11 @@ _LCNN_METHOD = (
     'Low-Curvature Neural Network (LCNN): centered softplus activations with a learnable, penalised curvature β, '
     'γ-Lipschitz BatchNorm, and spectral normalisation of each convolution\'s true operator norm, which together '
     'keep the paper\'s curvature expression small (Srinivas et al., NeurIPS 2022).')
+_LCNN_WITHOUT_BN_METHOD = (
+    'Low-Curvature Neural Network (LCNN) without BatchNorm: activations made of the centered softplus with a '
+    'learnable, penalised curvature β, and spectral normalisation of each layer\'s true operator norm, so that every '
+    'layer is 1-Lipschitz and the Hessian of every logit difference has a small certified bound (Srinivas et al., '
+    'NeurIPS 2022; lcnn-timm docs/certificates.md).')
 _BASELINE_METHOD = (
     'a baseline of the LCNN paper\'s comparison (Srinivas et al., NeurIPS 2022), not a low-curvature model: '
     'its curvature is not bounded by construction.')
@@ -160,6 +165,7 @@ def render_card(
         num_classes: int,
         description: Optional[str] = None,
         is_lcnn: bool = True,
+        gamma_bn: bool = True,
         curvature_proxy: Optional[float] = None,
         input_size: List[int],
         results: Optional[Dict[str, Any]] = None,
@@ -185,7 +191,7 @@ def render_card(
         'title': f'{model_name}: {"a low-curvature" if is_lcnn else "a baseline"} `{architecture}`',
         'summary': (f'`{architecture}` ({description or kind}) image classifier trained on {ds["display"]}, '
                     f'published with lcnn-timm in timm\'s format.'),
-        'method': _LCNN_METHOD if is_lcnn else _BASELINE_METHOD,
+        'method': (_LCNN_METHOD if gamma_bn else _LCNN_WITHOUT_BN_METHOD) if is_lcnn else _BASELINE_METHOD,
         'architecture': architecture,
         'num_classes': num_classes,
         'input_size': 'x'.join(str(s) for s in input_size),
@@ -217,6 +223,7 @@ def render_card_for_folder(folder: Union[str, Path], template: Union[str, Path] 
         num_classes=config['num_classes'],
         description=config['pretrained_cfg'].get('description'),
         is_lcnn=meta.get('lcnn', True),
+        gamma_bn=meta.get('gamma_bn', True),
         curvature_proxy=meta.get('curvature_proxy'),
         input_size=config['pretrained_cfg']['input_size'],
         results=json.loads(results_path.read_text(encoding='utf-8')) if results_path.is_file() else None,

@@ -164,7 +164,10 @@ def write_repo_folder(
     model_config: Dict[str, Any] = {CARD_META_KEY: {
         'repo_id': repo_id,
         'license': license,
-        'lcnn': bool(log_betas and log_gammas),
+        # learnable betas and no BatchNorm outside gamma-BN (a BN-free model such as lcnn_lipcnn has no gammas)
+        'lcnn': bool(log_betas) and (bool(log_gammas) or not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())),
+        'gamma_bn': bool(log_gammas),
         'curvature_proxy': proxy,
         # as the user named it (e.g. configs/x.yaml); an absolute path would leak the local file system
         'train_config': (Path(train_config).name if Path(train_config).is_absolute() else str(train_config))

@@ -26,10 +26,8 @@ from .centered_softplus import CenteredSoftplus
 
 __all__ = ["SoftplusMaxMin"]
 
-_HALF_SQRT2 = math.sqrt(0.5)
 
-
-@register_notrace_module  # an fx leaf, like CenteredSoftplus: its channel check is not traceable
+@register_notrace_module  # an fx leaf in timm's feature extraction, like CenteredSoftplus
 class SoftplusMaxMin(nn.Module):
     """Smooth MaxMin over channel pairs ``(c, c + C/2)``; see the module docstring.
 
@@ -51,15 +49,16 @@ class SoftplusMaxMin(nn.Module):
         return self.act.beta.detach().double() / 2.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1] if x.dim() > 1 else None
-        if channels is None or channels % 2:
-            raise ValueError(f"SoftplusMaxMin pairs channel c with c + C/2 (dimension 1), so C must be even; "
-                             f"got input shape {tuple(x.shape)}")
-        a, b = x.chunk(2, dim=1)
-        p = (a + b) * _HALF_SQRT2
-        q = (a - b) * _HALF_SQRT2
+        if isinstance(x, torch.Tensor) and (x.dim() < 2 or x.shape[1] % 2):  # fx tracing passes a Proxy: no check
+            raise ValueError("SoftplusMaxMin pairs channel c with c + C/2 (dimension 1), so C must be even; "
+                             "got input shape " + str(list(x.shape)))
+        half = x.shape[1] // 2
+        a, b = x[:, :half], x[:, half:]
+        scale = math.sqrt(0.5)  # computed here: TorchScript cannot read module-level floats
+        p = (a + b) * scale
+        q = (a - b) * scale
         smooth_abs = self.act(q) + self.act(-q)
-        return torch.cat([(p + smooth_abs) * _HALF_SQRT2, (p - smooth_abs) * _HALF_SQRT2], dim=1)
+        return torch.cat([(p + smooth_abs) * scale, (p - smooth_abs) * scale], dim=1)
 
     def extra_repr(self) -> str:
         return f"pairs=(c, c + C/2), beta={self.act.beta.item():.4g}"
