@@ -15,9 +15,9 @@ __all__ = ["CERTIFICATE_METHOD", "certified_accuracy", "certified_radii_over"]
 
 CERTIFICATE_METHOD = (
     "global float64 bounds L_ij >= Lip(z_i - z_j), K_ij >= sup ||Hess(z_i - z_j)|| (Gram-iteration operator norms, "
-    "gamma-BN, softplus beta/4, Softplus MaxMin beta/2, chain rule); per example and class j: first order m/L, curvature-based "
-    "2m/(|g| + sqrt(|g|^2 + 2Km)) (Singla & Feizi 2020), combined: the root of int_0^r min(L, |g| + K t) dt = m "
-    "(never below either), min over j; accuracy counts radius > eps"
+    "gamma-BN, softplus beta/4, Softplus MaxMin beta/2, chain rule); per example and class j: first order m/L, "
+    "curvature-based 2m/(|g| + sqrt(|g|^2 + 2Km)) (Singla & Feizi 2020), combined: the root of "
+    "int_0^r min(L, |g| + K t) dt = m (never below either), min over j; accuracy counts radius > eps"
 )
 
 
