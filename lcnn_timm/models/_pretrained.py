@@ -39,6 +39,7 @@ __all__ = [
     "explain_pretrained_failure",
     "shipped_weights",
     "standard_cfgs",
+    "weight_location",
 ]
 
 CIFAR100_LABEL_NAMES = (
@@ -154,12 +155,17 @@ def fashion_mnist_zoo_cfgs(architecture: str, lcnn: bool, feature_size: FeatureS
     cfgs = {}
     for tag, description in (("fmnist", "LCNN (curvature penalty)"), ("fmnist_gradreg", "LCNN + GradReg")):
         name = f"{architecture}.{tag}"
-        location = dict(hf_hub_id=f"{HUB_ORG}/{name}")
-        shipped = shipped_weights(name)
-        if shipped is not None:
-            location["file"] = str(shipped)  # timm prefers file= to hf_hub_id
-        cfgs[name] = fashion_mnist_cfg(feature_size, description=description, **location)
+        cfgs[name] = fashion_mnist_cfg(feature_size, description=description, **weight_location(name))
     return cfgs
+
+
+def weight_location(name: str) -> Dict[str, str]:
+    """The weight locations of a staged ``arch.tag``: its Hub repository, and the shipped file when installed."""
+    location = dict(hf_hub_id=f"{HUB_ORG}/{name}")
+    shipped = shipped_weights(name)
+    if shipped is not None:
+        location["file"] = str(shipped)  # timm prefers file= to hf_hub_id
+    return location
 
 
 def _cfg_name(cfg: Dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..layers import SoftplusMaxMin, spectral_norm
-from ._pretrained import HUB_ORG, fashion_mnist_cfg, shipped_weights
+from ._pretrained import fashion_mnist_cfg, weight_location
 from ._units import FLATTEN_POOL, StemStagesClassifier, create_cifar_model, spatial_size
 
 __all__ = ["LipschitzCnn"]
@@ -90,7 +90,8 @@ class LipschitzCnn(StemStagesClassifier):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{len(stages)}"))
             stages.append(stage)
         stages.append(SpectralConvAct(in_chs, dense_chs, size, 1, 0, size, beta))  # covers the whole map
-        self.feature_info.append(dict(num_chs=dense_chs, reduction=reduction * max(size), module=f"stages.{len(stages) - 1}"))
+        self.feature_info.append(
+            dict(num_chs=dense_chs, reduction=reduction * max(size), module=f"stages.{len(stages) - 1}"))
         self.stages = nn.Sequential(*stages)
         self._init_head(dense_chs, (1, 1), num_classes, global_pool, drop_rate, head_spectral_norm=True)
 
@@ -99,18 +100,11 @@ class LipschitzCnn(StemStagesClassifier):
         return dict(stem=r"^stem\.", blocks=r"^stages\.(\d+)")
 
 
-
-def _cfgs(architecture: str) -> Dict[str, Dict[str, Any]]:
-    name = f"{architecture}.fmnist"
-    location = dict(hf_hub_id=f"{HUB_ORG}/{name}")
-    shipped = shipped_weights(name)
-    if shipped is not None:
-        location["file"] = str(shipped)  # timm prefers file= to hf_hub_id
-    return {name: fashion_mnist_cfg(lambda size: (1, 1), first_conv="stem.conv",
-                                    description="1-Lipschitz LCNN, certified-margin training", **location)}
-
-
-default_cfgs = generate_default_cfgs(_cfgs("lcnn_lipcnn"))
+default_cfgs = generate_default_cfgs({
+    "lcnn_lipcnn.fmnist": fashion_mnist_cfg(lambda size: (1, 1), first_conv="stem.conv",
+                                            description="1-Lipschitz LCNN, certified-margin training",
+                                            **weight_location("lcnn_lipcnn.fmnist")),
+})
 
 
 @register_model
