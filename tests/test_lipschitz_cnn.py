@@ -46,10 +46,11 @@ def test_certified_bounds_hold_against_exact_derivatives(seed):
     certificate = certify_and_search(model, (1, 8, 8), [(0, 1), (1, 2), (2, 0)], xs, 8, hessian_start_scale=0.01)
     betas = [m.beta.item() for m in model.modules() if isinstance(m, SoftplusMaxMin)]
     head = model.fc.weight.detach()
-    # 1-Lipschitz layers: L_ij = ||w_i - w_j|| and K_ij = ||w_i - w_j|| sum(beta / 2), up to the operator-norm bounds
-    row = (head[0] - head[1]).norm()
-    assert certificate.lipschitz[0, 1] == pytest.approx(row.item(), rel=2e-2)
-    assert certificate.hessian[0, 1] == pytest.approx(row.item() * sum(betas) / 2, rel=5e-2)
+    # 1-Lipschitz layers: L_ij = ||w_i - w_j||, up to the operator-norm bounds; K_ij = ||w_i - w_j|| sum(beta / 2)
+    # over all but the last activation, whose term has a max-norm of w_i - w_j in place of the 2-norm
+    row = (head[0] - head[1]).norm().item()
+    assert certificate.lipschitz[0, 1] == pytest.approx(row, rel=2e-2)
+    assert row * sum(betas[:-1]) / 2 * 0.98 < certificate.hessian[0, 1] < row * sum(betas) / 2
 
 
 @pytest.mark.parametrize("kwargs, match", [

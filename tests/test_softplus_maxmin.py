@@ -74,3 +74,19 @@ def test_beta_is_seen_by_the_penalty_and_the_proxy():
     assert len(betas) == 2
     assert curvature_penalty(net, 1.0, 0.0).beta_sum.item() == pytest.approx(sum(betas), rel=1e-6)
     assert curvature_proxy(net) == pytest.approx(sum(betas), rel=1e-5)  # every layer 1-Lipschitz
+
+
+@pytest.mark.parametrize("act", ["maxmin", "softplus"])
+def test_the_head_activation_term_is_exact_where_the_activation_peaks(act):
+    """``x -> W act(x)`` (no layer before the activation): the certified Hessian of ``z_0 - z_1`` is attained at 0, and
+    below the 2-norm product bound ``||w_0 - w_1|| beta / k`` it replaced."""
+    torch.manual_seed(3)
+    layer = SoftplusMaxMin(2.0) if act == "maxmin" else CenteredSoftplus(2.0)
+    net = nn.Sequential(layer, spectral_norm(nn.Linear(4, 2))).double().eval()
+    certificate = certify_and_search(net, (4,), [(0, 1)], torch.randn(2, 4, dtype=torch.float64), 10)
+    f = lambda v: (lambda z: z[0, 0] - z[0, 1])(net(v[None]))  # noqa: E731
+    exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, torch.zeros(4, dtype=torch.float64))).abs().max()
+    assert certificate.hessian[0, 1].item() == pytest.approx(exact.item(), rel=1e-8)
+    row = (net[1].weight[0] - net[1].weight[1]).norm().item()
+    beta = layer.beta.item()
+    assert certificate.hessian[0, 1].item() < row * beta / (2 if act == "maxmin" else 4) * 0.95

@@ -33,7 +33,7 @@ from ..layers.halves_residual import HalvesResidual
 from ..layers.softplus_maxmin import SoftplusMaxMin
 from ..layers.spectral_norm import ConvOperator, _norm_and_input, is_spectral_normalized
 from .operator_norm import DEFAULT_GRAM_ITERATIONS, ROUNDING_MARGIN, layer_norm_bound
-from .structure import AVERAGE_POOLS, Rules, check_structure, compose, flatten_chain
+from .structure import AVERAGE_POOLS, UNIT_LEAVES, Rules, check_structure, compose, flatten_chain
 
 __all__ = ["Certificate", "MapBound", "certify", "check_eval_mode", "model_input_shape"]
 
@@ -205,17 +205,59 @@ def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
     shapes, outputs = _record_shapes(model, shape)
     rules = _CertifiedRules(shapes, iterations)
     head_name, head = layers[-1]
-    phi = rules.identity
-    for layer_name, layer in layers[:-1] if isinstance(head, nn.Linear) else layers:
+    body = layers[:-1] if isinstance(head, nn.Linear) else layers
+    last = _last_activation(body) if isinstance(head, nn.Linear) else None
+    before = body if last is None else body[:last]
+    inner = rules.identity  # the map up to the last activation (all of phi without one)
+    for layer_name, layer in before:
+        inner = _then(inner, compose(layer, layer_name, rules))
+    phi = inner
+    for layer_name, layer in body[len(before):]:  # the last activation and the reshapes after it
         phi = _then(phi, compose(layer, layer_name, rules))
-    if isinstance(head, nn.Linear):
-        logits = _then(phi, compose(head, head_name, rules))
-        weight = head.weight.detach().double()
-        # ||w_i - w_j||, raised past the rounding of the distance itself
-        rows = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * (1.0 + ROUNDING_MARGIN)
-        offsets = head.bias.detach().double().abs() if head.bias is not None else None
-    else:
-        logits = phi
+    if not isinstance(head, nn.Linear):
         rows = math.sqrt(2.0) * (1.0 - torch.eye(outputs, dtype=torch.float64))  # ||e_i - e_j|| = sqrt 2
-        offsets = None
-    return Certificate(rows * phi.lipschitz, rows * phi.hessian, logits, shape, rules.layers, offsets)
+        return Certificate(rows * phi.lipschitz, rows * phi.hessian, phi, shape, rules.layers, None)
+    logits = _then(phi, compose(head, head_name, rules))
+    weight = head.weight.detach().double()
+    # ||w_i - w_j||, raised past the rounding of the distance itself
+    rows = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * (1.0 + ROUNDING_MARGIN)
+    offsets = head.bias.detach().double().abs() if head.bias is not None else None
+    if last is None:
+        hessian = rows * phi.hessian
+    else:
+        # (w_i - w_j)^T s(g(x)): the activation's second derivative meets w_i - w_j coordinate by coordinate, so its
+        # term is bounded by a max-norm of w_i - w_j instead of the 2-norm (docs/certificates.md, section 3)
+        act_name, act = body[last]
+        curvature = _head_activation_curvature(act, weight, rules._input_shape(act, act_name))
+        hessian = rows * inner.hessian + curvature * (1.0 + ROUNDING_MARGIN) * inner.lipschitz**2
+    return Certificate(rows * phi.lipschitz, hessian, logits, shape, rules.layers, offsets)
+
+
+def _last_activation(body: List[Tuple[str, nn.Module]]) -> Optional[int]:
+    """Index of a final activation leaf followed only by reshapes (flatten, identity, dropout), else None."""
+    index = len(body)
+    while index > 0 and isinstance(body[index - 1][1], UNIT_LEAVES):
+        index -= 1
+    if index > 0 and isinstance(body[index - 1][1], (CenteredSoftplus, SoftplusMaxMin)):
+        return index - 1
+    return None
+
+
+def _head_activation_curvature(act: nn.Module, weight: torch.Tensor, input_shape: Tuple[int, ...]) -> torch.Tensor:
+    """``kappa[i, j] >= sup |(w_i - w_j)^T D^2 act(h)[a, b]|`` over ``|a| = |b| = 1`` (float64, classes x classes).
+
+    Centered softplus: ``sum_k c_k s''(h_k) a_k b_k``, so ``max_k |c_k| beta / 4``. Softplus MaxMin: only each pair's
+    ``q`` coordinate is curved, with weight ``(c_a - c_b) / sqrt 2`` (``c = w_i - w_j`` in the activation's output
+    layout, channel c paired with c + C/2), so ``max |c_a - c_b| / sqrt 2 * beta / 2``.
+    """
+    rows = []
+    for row in weight:  # one class at a time: classes x classes x features would not fit for wide heads
+        difference = row - weight
+        if isinstance(act, SoftplusMaxMin):
+            difference = difference.reshape(len(weight), input_shape[0], -1)
+            half = input_shape[0] // 2
+            rows.append((difference[:, :half] - difference[:, half:]).abs().flatten(1).amax(1) * math.sqrt(0.5))
+        else:
+            rows.append(difference.abs().amax(1))
+    scale = act.hessian_bound() if isinstance(act, SoftplusMaxMin) else act.beta.detach().double() / 4.0
+    return torch.stack(rows) * scale
