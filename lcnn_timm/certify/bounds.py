@@ -111,9 +111,7 @@ class _CertifiedRules(Rules[MapBound]):
         return next(iter(shapes))
 
     def _value(self, module: nn.Module, name: str) -> MapBound:
-        if isinstance(module, CenteredSoftplus):
-            return MapBound(_scalar(1.0), module.beta.detach().double() / 4.0)
-        if isinstance(module, SoftplusMaxMin):
+        if isinstance(module, (CenteredSoftplus, SoftplusMaxMin)):
             return MapBound(_scalar(1.0), module.hessian_bound())
         if isinstance(module, _GammaBatchNorm):
             return MapBound(gamma_bn_lipschitz(module), _scalar(0.0))
@@ -259,5 +257,4 @@ def _head_activation_curvature(act: nn.Module, weight: torch.Tensor, input_shape
             rows.append((difference[:, :half] - difference[:, half:]).abs().flatten(1).amax(1) * math.sqrt(0.5))
         else:
             rows.append(difference.abs().amax(1))
-    scale = act.hessian_bound() if isinstance(act, SoftplusMaxMin) else act.beta.detach().double() / 4.0
-    return torch.stack(rows) * scale
+    return torch.stack(rows) * act.hessian_bound()

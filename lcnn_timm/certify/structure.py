@@ -79,8 +79,8 @@ def _why_outside(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
         return "is attention, which has no global Lipschitz bound"
     if not list(module.children()):
-        return ("is outside the theory (covered: centered softplus, Softplus MaxMin, gamma-BN, spectrally normalised conv/linear, "
-                "average pooling, flatten, identity, dropout, halves residual blocks)")
+        return ("is outside the theory (covered: centered softplus, Softplus MaxMin, gamma-BN, spectrally normalised "
+                "conv/linear, average pooling, flatten, identity, dropout, halves residual blocks)")
     return None
 
 

@@ -1,4 +1,4 @@
-"""LCNN layers: centered softplus, Softplus MaxMin, gamma-Lipschitz BatchNorm, operator spectral norm, the halves residual block."""
+"""LCNN layers: centered softplus, Softplus MaxMin, gamma-Lipschitz BatchNorm, operator spectral norm, halves block."""
 from .centered_softplus import CenteredSoftplus, centered_softplus, compiled_centered_softplus
 from .gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, batchnorm_lipschitz
 from .halves_residual import FoldedHalvesResidual, HalvesResidual

@@ -292,6 +292,10 @@ class CenteredSoftplus(nn.Module):
         """Current beta as a 0-dim tensor (differentiable when learnable)."""
         return self.log_beta.exp()
 
+    def hessian_bound(self) -> torch.Tensor:
+        """``beta / 4 >= sup_x |s''(x)|``, elementwise (float64, detached)."""
+        return self.beta.detach().double() / 4.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript cannot compile autograd Functions: differentiate the composite
             return _composite(x, self.log_beta)

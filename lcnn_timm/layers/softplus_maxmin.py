@@ -18,6 +18,7 @@ Channel ``c`` is paired with channel ``c + C/2`` (dimension 1; ``C`` must be eve
 ``no_weight_decay`` and ``lcnn-timm`` tools that look for centered softplus layers see it.
 """
 import math
+
 import torch
 from timm.layers import register_notrace_module
 from torch import nn
@@ -62,4 +63,3 @@ class SoftplusMaxMin(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pairs=(c, c + C/2), beta={self.act.beta.item():.4g}"
-

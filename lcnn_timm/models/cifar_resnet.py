@@ -103,7 +103,6 @@ class CifarResNet(StemStagesClassifier):
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
 
-
 def feature_size(img_size: Tuple[int, int]) -> Tuple[int, int]:
     """Spatial size of the final feature map: the first convs of stages 2-4 have stride 2."""
     for _ in range(3):
