@@ -32,6 +32,7 @@ from ..layers.gamma_batchnorm import _GammaBatchNorm, _lipschitz
 from ..layers.halves_residual import HalvesResidual
 from ..layers.softplus_maxmin import SoftplusMaxMin
 from ..layers.spectral_norm import ConvOperator, _norm_and_input, is_spectral_normalized
+from .executed import audit_execution, differential_check
 from .operator_norm import DEFAULT_GRAM_ITERATIONS, ROUNDING_MARGIN, layer_norm_bound
 from .structure import AVERAGE_POOLS, UNIT_LEAVES, Rules, check_structure, compose, flatten_chain
 
@@ -79,9 +80,14 @@ def _then(first: MapBound, second: MapBound) -> MapBound:
 
 
 def gamma_bn_lipschitz(bn: _GammaBatchNorm) -> torch.Tensor:
-    """Exact eval-mode Lipschitz constant of a gamma-BN, ``min(gamma, max_c |w_c| / sqrt(var_c + eps))``, float64."""
+    """Exact eval-mode Lipschitz constant of a gamma-BN, ``min(gamma, max_c |w_c| / sqrt(var_c + eps))``, float64.
+
+    ``gamma = exp(log_gamma)`` is taken in float64: ``bn.gamma`` of a float32 layer is rounded to float32, up to
+    6e-8 (relative) below the cap the float64 function (``model.double()``, what radii are computed on) applies.
+    """
     weight = None if bn.weight is None else bn.weight.detach().double()
-    return torch.minimum(bn.gamma.detach().double(), _lipschitz(bn.running_var.detach().double(), weight, bn.eps))
+    gamma = bn.log_gamma.detach().double().exp()
+    return torch.minimum(gamma, _lipschitz(bn.running_var.detach().double(), weight, bn.eps))
 
 
 def average_pool_lipschitz(pool: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
@@ -193,13 +199,16 @@ def certify(model: nn.Module, input_shape: Optional[Sequence[int]] = None,
         iterations: Gram iterations per operator-norm bound.
 
     Raises:
-        UnsupportedStructureError: naming the first module outside the theory.
+        UnsupportedStructureError: naming the first module outside the theory, or whose execution differs from the
+            function certified (hooks, subclasses, replaced forwards, changed geometry; :mod:`.executed`).
     """
     check_eval_mode(model)
     name = type(model).__name__
     check_structure(model, name)  # before anything runs
+    audit_execution(model, name)
     layers = flatten_chain(model, name)
     shape = tuple(input_shape) if input_shape is not None else model_input_shape(model)
+    differential_check(model, shape, name)
     shapes, outputs = _record_shapes(model, shape)
     rules = _CertifiedRules(shapes, iterations)
     head_name, head = layers[-1]

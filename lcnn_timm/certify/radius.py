@@ -22,9 +22,20 @@ import torch
 from torch import nn
 
 from .bounds import Certificate, check_eval_mode
+from .executed import check_no_hooks
 from .operator_norm import ROUNDING_MARGIN
 
-__all__ = ["certified_radii", "curvature_radius", "gradient_path_radius"]
+__all__ = ["certified_radii", "check_float64", "curvature_radius", "gradient_path_radius"]
+
+
+def check_float64(model: nn.Module, images: torch.Tensor) -> None:
+    """Refuse anything but float64 parameters, buffers and images (a ``ValueError`` saying how to convert)."""
+    lower = sorted({str(t.dtype) for t in [images, *model.parameters(), *model.buffers()]
+                    if t.is_floating_point() and t.dtype != torch.float64})
+    if lower:
+        raise ValueError(f"certified radii are computed in float64 only, got {', '.join(lower)}: pass "
+                         "model.double() and images.double() (float32 margins and gradients carry rounding, e.g. at "
+                         "the activations' series switch, that no proved allowance covers here)")
 
 
 def curvature_radius(margin: torch.Tensor, grad_norm: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -58,12 +69,14 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """Certified L2 radii of a batch around its true labels: ``first_order``, ``curvature`` and ``combined``
     (the gradient-path radius, never below the other two).
 
-    ``model`` must be the function ``certificate`` bounds, in eval mode; compute in float64
-    (``model.double()``) so the margins and gradients carry no float32 rounding. A radius is
-    0 for a misclassified example (or a tie); the prediction is the same for every input
-    at L2 distance strictly below it.
+    ``model`` must be the function ``certificate`` bounds, in eval mode, in float64 (``model.double()``,
+    ``images.double()``): the rounding allowance below is proved for float64 only, so lower precisions are
+    refused (docs/certificates.md). A radius is 0 for a misclassified example (or a tie); the prediction is
+    the same for every input at L2 distance strictly below it.
     """
     check_eval_mode(model)
+    check_float64(model, images)
+    check_no_hooks(model)  # a hook would change the margins or the gradients read below
     x = images.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
@@ -74,15 +87,14 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     logits = logits.detach()
     rows = torch.arange(len(labels), device=labels.device)
     # the computed margins and gradient norms carry the forward's and backward's rounding: lower the margins and
-    # raise the gradient norms past it (relative 1e-9 in float64, 64 units of the last place in lower precision),
-    # so a radius never exceeds the exact one of the function evaluated. Rounding is relative to the terms summed,
-    # not to the result: a head bias cancelling W h leaves logits far below W h's rounding, so |bias| joins |z|.
-    rounding = max(ROUNDING_MARGIN, 64 * torch.finfo(logits.dtype).eps)
+    # raise the gradient norms past it (relative 1e-9, float64), so a radius never exceeds the exact one of the
+    # function evaluated. Rounding is relative to the terms summed, not to the result: a head bias cancelling
+    # W h leaves logits far below W h's rounding, so |bias| joins |z|.
     scale = logits.abs()
     if certificate.logit_offsets is not None:
         scale = scale + certificate.logit_offsets.to(logits)
-    margins = logits[rows, labels, None] - logits - rounding * (scale[rows, labels, None] + scale)
-    grad_norms = (jacobian[rows, labels, None] - jacobian).norm(dim=-1) * (1.0 + rounding)
+    margins = logits[rows, labels, None] - logits - ROUNDING_MARGIN * (scale[rows, labels, None] + scale)
+    grad_norms = (jacobian[rows, labels, None] - jacobian).norm(dim=-1) * (1.0 + ROUNDING_MARGIN)
     lipschitz = certificate.lipschitz.to(logits)[labels]
     hessian = certificate.hessian.to(logits)[labels]
     first = torch.where(margins > 0, margins / lipschitz, torch.zeros_like(margins))

@@ -127,6 +127,9 @@ class Rules(Generic[T]):
         ``b = block.output_scale`` (``1/sqrt 2`` and ``1/2`` unless an instance sets its own)."""
         return self.identity
 
+    def container(self, module: nn.Module, name: str) -> None:
+        """Called for every chain and halves block before its children are walked (e.g. to audit it)."""
+
 
 def check_structure(module: nn.Module, name: str) -> None:
     """Raise :class:`UnsupportedStructureError` for the first module outside the theory; nothing is computed."""
@@ -136,11 +139,13 @@ def check_structure(module: nn.Module, name: str) -> None:
 def compose(module: nn.Module, name: str, rules: Rules[T]) -> T:
     """Fold ``rules`` over ``module`` in forward order."""
     if isinstance(module, HalvesResidual):
+        rules.container(module, name)
         branches = rules.halves(compose(module.residual, f"{name}.residual", rules),
                                 compose(module.shortcut, f"{name}.shortcut", rules), module)
         return rules.then(branches, compose(module.act, f"{name}.act", rules))
     children = chain_children(module, name)
     if children is not None:
+        rules.container(module, name)
         value = rules.identity
         for child_name, child in children:
             value = rules.then(value, compose(child, child_name, rules))
