@@ -124,3 +124,54 @@ def test_no_flip_inside_the_gradient_path_radius_on_a_dense_grid(seed):
         grid = point + (radius * steps)[:, None, None] * directions[None] * (1 - 1e-9)
         with torch.no_grad():
             assert (net(grid.reshape(-1, 2)).argmax(1) == label).all()
+
+
+def all_pairs_radii(net, x, y, certificate):
+    """The reference: every class's input-gradient row (one backward each), every pair's radius, min over pairs."""
+    x = x.clone().requires_grad_(True)
+    logits = net(x)
+    jacobian = torch.stack([torch.autograd.grad(logits[:, c].sum(), x, retain_graph=True)[0].flatten(1)
+                            for c in range(logits.shape[1])], dim=1)
+    logits = logits.detach()
+    rows = torch.arange(len(y))
+    scale = logits.abs() + (certificate.logit_offsets if certificate.logit_offsets is not None else 0)
+    margins = logits[rows, y, None] - logits - 1e-9 * (scale[rows, y, None] + scale)
+    grads = (jacobian[rows, y, None] - jacobian).norm(dim=-1) * (1 + 1e-9)
+    lipschitz, hessian = certificate.lipschitz[y], certificate.hessian[y]
+    first = torch.where(margins > 0, margins / lipschitz, torch.zeros_like(margins))
+    curved = curvature_radius(margins, grads, hessian)
+    path = torch.maximum(gradient_path_radius(margins, grads, lipschitz, hessian), torch.maximum(first, curved))
+    others = torch.ones_like(margins, dtype=torch.bool)
+    others[rows, y] = False
+    return {kind: torch.where(others, value, torch.inf).amin(1)
+            for kind, value in {"first_order": first, "curvature": curved, "combined": path}.items()}
+
+
+@pytest.mark.parametrize("case", ["cnn", "lipcnn"])
+def test_pruned_radii_equal_the_minimum_over_every_pair(case):
+    import timm
+    import lcnn_timm  # noqa: F401
+    if case == "cnn":
+        net, x = cnn(0, classes=5), torch.rand(40, 1, 6, 5, dtype=torch.float64)
+    else:
+        net = timm.create_model("lcnn_lipcnn", pretrained=True).double().eval()
+        x = torch.rand(40, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    certificate = certify(net)
+    with torch.no_grad():
+        predicted = net(x).argmax(1)
+    y = torch.where(torch.arange(len(x)) % 4 == 0, (predicted + 1) % certificate.lipschitz.shape[0], predicted)
+    fast, reference = certified_radii(net, x, y, certificate), all_pairs_radii(net, x, y, certificate)
+    assert (fast["combined"] > 0).sum() >= len(x) // 2  # most examples are certified: the pruning is exercised
+    for kind in reference:
+        torch.testing.assert_close(fast[kind], reference[kind], rtol=1e-12, atol=0)
+
+
+def test_a_certificate_contradicted_by_a_gradient_is_refused():
+    net = cnn(0)
+    certificate = certify(net)
+    certificate.lipschitz = certificate.lipschitz * 1e-3
+    x = torch.rand(4, 1, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    with pytest.raises(ValueError, match="does not bound this model"):
+        certified_radii(net, x, y, certificate)

@@ -31,6 +31,7 @@ def certified_radii_over(model: nn.Module, loader: Iterable, inner: nn.Module, i
     """
     memo: Dict[int, Any] = {}
     model64 = copy.deepcopy(model, memo).double()  # margins and gradients without float32 rounding
+    model64.requires_grad_(False)  # a private copy: only input gradients are taken
     if id(inner) not in memo:
         raise ValueError(f"inner ({type(inner).__name__}) must be model or one of its submodules")
     certificate = certify(memo[id(inner)]).scaled_input(input_scale)

@@ -53,8 +53,9 @@ class SoftplusMaxMin(nn.Module):
         if isinstance(x, torch.Tensor) and (x.dim() < 2 or x.shape[1] % 2):  # fx tracing passes a Proxy: no check
             raise ValueError("SoftplusMaxMin pairs channel c with c + C/2 (dimension 1), so C must be even; "
                              "got input shape " + str(list(x.shape)))
-        half = x.shape[1] // 2
-        a, b = x[:, :half], x[:, half:]
+        # split, not two slices: the slices' backward fills a zero tensor of the input's size each (17% of a
+        # float64 certification's time), split's concatenates the two gradients
+        a, b = x.split(x.shape[1] // 2, dim=1)
         scale = math.sqrt(0.5)  # computed here: TorchScript cannot read module-level floats
         p = (a + b) * scale
         q = (a - b) * scale
