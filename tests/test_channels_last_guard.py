@@ -14,8 +14,11 @@ import timm
 import torch
 from torch import nn
 
+from test_train_trainer import _args, idx_dir  # noqa: F401  (fixture)
+
 import lcnn_timm  # noqa: F401  (registers the LCNN models)
 from lcnn_timm.train import precision as precision_module
+from lcnn_timm.train.config import load_config, parse_overrides
 from lcnn_timm.train.precision import (PrecisionChoice, channels_last_hazard, choose_precision, crash_prone_convs,
                                        onednn_avx2_reason, without_crashing_layout)
 
@@ -114,6 +117,29 @@ def test_a_resumed_channels_last_run_goes_contiguous_where_it_would_crash(avx2_m
     assert not moved.channels_last and moved.reason.startswith("probed elsewhere; channels_last skipped:")
     assert moved.measured == resumed.measured
     assert without_crashing_layout(resumed, nn.Conv2d(8, 8, 1, 2), torch.device("cpu")) == resumed
+
+
+def test_the_trainer_trains_and_resumes_contiguous_where_channels_last_would_crash(monkeypatch, idx_dir, tmp_path,
+                                                                                   capsys):
+    """Built, not trained: the layout is set before any step, so a wrong one cannot crash this test."""
+    from lcnn_timm.train.trainer import Trainer
+
+    args = [*_args(idx_dir, tmp_path / "run"), "--model", "lcnn_resnet18", "--channels-last", "true",
+            "--model-kwargs", "{img_size: 8, channels: [4, 4, 4, 4]}"]
+    monkeypatch.setattr(precision_module, "onednn_avx2_reason", lambda cpuinfo, environ: None)
+    trainer = Trainer(load_config(None, parse_overrides(args)))  # a machine without the crash: as asked
+    assert trainer.channels_last and next(trainer.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    trainer.out_dir.mkdir(parents=True)
+    trainer.save()
+    monkeypatch.setattr(precision_module, "onednn_avx2_reason", lambda cpuinfo, environ: "test AVX2")
+    for extra in ([], ["--resume"]):  # a new run, and the channels_last run resumed here
+        capsys.readouterr()
+        trainer = Trainer(load_config(None, parse_overrides([*args, *extra])))
+        assert not trainer.channels_last and trainer.train_loader.channels_last is False
+        assert all(p.is_contiguous() for p in trainer.model.parameters())
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("precision:"))
+        assert "channels_last skipped" in line and "test AVX2" in line and "stages.1.0.shortcut.conv" in line
+        assert trainer.choice.as_dict()["reason"] == line.removeprefix("precision: ")
 
 
 REPRODUCER = """
