@@ -35,7 +35,7 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # oneDNN's AVX2 backward-weights kernel of a channels_last 1x1 convolution with stride > 1 (jit_avx2_1x1_convolution_
 # bwd_weights, torch 2.14.1) corrupts the heap when the input has fewer channels than an AVX2 register holds floats:
 # segfaults, glibc heap aborts and hangs, measured for 2-7 input channels and never for 8-24 (docs/training.md);
-# 1 channel runs the same kernel and did not crash, but is guarded too: its channels_last is no faster
+# 1 channel runs the same kernel and did not crash in 5 runs: too few to call it safe, so it is guarded too
 CRASHING_INPUT_CHANNELS = 8
 # oneDNN runs its avx512_core kernels only where the CPU has all four; otherwise AVX2 ones if it has avx2
 AVX512_CORE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
