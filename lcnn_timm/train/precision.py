@@ -6,8 +6,13 @@ keep the fastest. A reduced precision must beat float32 by :data:`REDUCED_PRECIS
 it costs accuracy (bf16 keeps 8 bits), so a tie goes to float32. bf16 is only a candidate where the device
 computes it natively; emulated bf16 was 4-7x slower than fp32 on an AVX2-only AMD EPYC, so probing it there
 would only cost time. Every cell a probe may choose is covered by ``tests/test_precision_matrix.py``.
+
+channels_last is neither probed nor trained in where :func:`channels_last_hazard` finds a layer that oneDNN's AVX2
+kernels crash on (issue 36, docs/training.md): a crash inside a probe cell would take the whole run down.
 """
 import copy
+import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BF16_CPU_FLAGS", "PrecisionChoice", "choose_precision", "has_native_bf16", "probe_step_seconds"]
+__all__ = ["BF16_CPU_FLAGS", "PrecisionChoice", "channels_last_hazard", "choose_precision", "crash_prone_convs",
+           "has_native_bf16", "onednn_avx2_reason", "probe_step_seconds", "without_crashing_layout"]
 
 # a reduced precision is chosen only if its step takes at most this fraction of float32's
 REDUCED_PRECISION_MARGIN = 0.9
@@ -26,11 +32,24 @@ REDUCED_PRECISION_MARGIN = 0.9
 # emulates bf16 with fp32 conversions, measured 4-7x slower than plain fp32 on an AVX2-only AMD EPYC
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
+# oneDNN's AVX2 backward-weights kernel of a channels_last 1x1 convolution with stride > 1 (jit_avx2_1x1_convolution_
+# bwd_weights, torch 2.14.1) corrupts the heap when the input has fewer channels than an AVX2 register holds floats:
+# segfaults, glibc heap aborts and hangs, measured for 2-7 input channels and never for 8-24 (docs/training.md);
+# 1 channel runs the same kernel and did not crash in 5 runs: too few to call it safe, so it is guarded too
+CRASHING_INPUT_CHANNELS = 8
+# oneDNN runs its avx512_core kernels only where the CPU has all four; otherwise AVX2 ones if it has avx2
+AVX512_CORE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+# the variables that cap oneDNN's ISA (the first one set wins, as in oneDNN); the caps that select its AVX2 kernels,
+# and those below them (whose kernels did not crash on the reproducer); any other cap leaves the choice to the CPU
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+AVX2_ISA_CAPS = frozenset({"AVX2", "AVX2_VNNI", "AVX2_VNNI_2"})
+BELOW_AVX2_ISA_CAPS = frozenset({"SSE41", "AVX"})
+
 
 def _cpu_flags(cpuinfo: Path) -> set:
     try:
         text = cpuinfo.read_text()
-    except OSError:  # not Linux, or /proc unavailable: no evidence of native bf16
+    except OSError:  # not Linux, or /proc unavailable: no evidence of any instruction set
         return set()
     for line in text.splitlines():
         if line.startswith("flags"):
@@ -50,6 +69,53 @@ def has_native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo"))
     if device.type == "cpu":
         return bool(_cpu_flags(cpuinfo) & BF16_CPU_FLAGS)
     return False
+
+
+def onednn_avx2_reason(cpuinfo: Path = Path("/proc/cpuinfo"), environ: Optional[Dict[str, str]] = None
+                       ) -> Optional[str]:
+    """Why oneDNN runs its AVX2 kernels on this CPU (a few words), or None where it does not.
+
+    The CPU must list ``avx2`` in ``cpuinfo``'s flags; then a cap ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``
+    (in ``environ``, default ``os.environ``) of AVX2, AVX2_VNNI or AVX2_VNNI_2 selects them, a lower cap (AVX,
+    SSE41) does not, and otherwise (no cap, ALL or an AVX-512 one) a CPU without :data:`AVX512_CORE_FLAGS` does.
+    """
+    flags = _cpu_flags(cpuinfo)
+    if "avx2" not in flags:  # no AVX2 kernels (or no flags to tell: not Linux, not x86)
+        return None
+    environ = os.environ if environ is None else environ
+    variable = next((name for name in ONEDNN_ISA_VARIABLES if environ.get(name)), None)
+    cap = environ[variable].upper() if variable else "ALL"
+    if cap in AVX2_ISA_CAPS:
+        return f"{variable}={environ[variable]}"
+    if cap in BELOW_AVX2_ISA_CAPS or AVX512_CORE_FLAGS <= flags:
+        return None
+    return "AVX2 CPU without AVX-512"
+
+
+def crash_prone_convs(model: nn.Module) -> List[str]:
+    """Names of ``model``'s 2-D convolutions that oneDNN's AVX2 kernels crash on in channels_last backward:
+    1x1 kernel, a stride above 1, fewer than :data:`CRASHING_INPUT_CHANNELS` input channels."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
+            and module.in_channels < CRASHING_INPUT_CHANNELS]
+
+
+def channels_last_hazard(model: nn.Module, device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo"),
+                         environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """One line saying why training ``model`` on ``device`` in channels_last would crash, or None where it would not.
+
+    Known case only (issue 36): oneDNN's AVX2 kernels (:func:`onednn_avx2_reason`) on a model with a layer that
+    :func:`crash_prone_convs` lists. Retire it when ``tests/test_channels_last_guard.py``'s reproducer is skipped.
+    """
+    if device.type != "cpu":
+        return None
+    isa = onednn_avx2_reason(cpuinfo, environ)
+    convs = crash_prone_convs(model) if isa else []
+    if not convs:
+        return None
+    return (f"channels_last skipped: oneDNN's AVX2 1x1 conv backward crashes on strided 1x1 convs with fewer than "
+            f"{CRASHING_INPUT_CHANNELS} input channels ({isa}; {len(convs)} such layer(s), first {convs[0]!r}; "
+            "issue 36)")
 
 
 @dataclass
@@ -97,6 +163,21 @@ def _step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precisio
     loss.backward()
 
 
+def _layout_candidates(channels_last: Optional[bool], model: nn.Module, images: torch.Tensor
+                       ) -> Tuple[List[bool], str]:
+    """The layouts to probe (False: contiguous) and how they were decided, for the choice's reason."""
+    layouts = [False, True] if channels_last is None and images.dim() == 4 else [bool(channels_last)]
+    note = "channels_last: auto" if len(layouts) > 1 else f"channels_last: {str(layouts[0]).lower()}"
+    hazard = channels_last_hazard(model, images.device) if layouts[-1] else None
+    return ([False], f"{note}, {hazard}") if hazard else (layouts, note)
+
+
+def without_crashing_layout(choice: PrecisionChoice, model: nn.Module, device: torch.device) -> PrecisionChoice:
+    """``choice`` (a resumed run's, made elsewhere), contiguous instead where channels_last would crash here."""
+    hazard = channels_last_hazard(model, device) if choice.channels_last else None
+    return dataclasses.replace(choice, channels_last=False, reason=f"{choice.reason}; {hazard}") if hazard else choice
+
+
 def probe_step_seconds(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        cells: List[Tuple[Optional[str], bool]], repeats: int = 3) -> Dict[str, float]:
     """Best wall seconds of one forward+backward step (cross-entropy) of ``model`` on ``images`` in each cell.
@@ -135,11 +216,11 @@ def choose_precision(amp: Optional[bool], amp_dtype: str, channels_last: Optiona
 
     ``amp``/``channels_last`` None mean auto: every remaining candidate cell is timed by
     :func:`probe_step_seconds` and the fastest kept, a reduced precision only if it takes at most
-    :data:`REDUCED_PRECISION_MARGIN` of float32's best time. Explicit values are kept as given.
+    :data:`REDUCED_PRECISION_MARGIN` of float32's best time. Explicit values are kept as given, except
+    channels_last where :func:`channels_last_hazard` finds it would crash.
     """
     precisions, precision_note = _precision_candidates(amp, amp_dtype, images.device)
-    layouts = [False, True] if channels_last is None and images.dim() == 4 else [bool(channels_last)]
-    layout_note = "channels_last: auto" if len(layouts) > 1 else f"channels_last: {str(layouts[0]).lower()}"
+    layouts, layout_note = _layout_candidates(channels_last, model, images)
     cells = [(p, c) for p in precisions for c in layouts]
     if len(cells) == 1:
         return PrecisionChoice(*cells[0], f"{precision_note}; {layout_note} -> {_cell_name(*cells[0])}")

@@ -40,7 +40,7 @@ from .paths import checkpoint_candidates, data_dir_problem, output_dir, prefligh
 from .certified_loss import LipschitzMarginLoss
 from .config import TrainConfig
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
-from .precision import PrecisionChoice, choose_precision
+from .precision import PrecisionChoice, choose_precision, without_crashing_layout
 from .regularizers import frozen_state
 from .run_lock import RunFolderBusy, RunLock
 from .task import AdversarialConfig, LCNNTask
@@ -197,8 +197,13 @@ class Trainer:
             model = self._convert(model)
         model.to(self.device)
         self.model = model
-        # before EMA, compile and DDP copy or wrap the model: they then see its final memory layout
-        self._set_precision(PrecisionChoice.from_dict(precision_choice) if precision_choice else self._probe_precision())
+        # before EMA, compile and DDP copy or wrap the model: they then see its final memory layout; a resumed
+        # run keeps its cell, unless that is channels_last on a machine where this model crashes in it (issue 36)
+        if precision_choice:
+            choice = without_crashing_layout(PrecisionChoice.from_dict(precision_choice), model, self.device)
+        else:
+            choice = self._probe_precision()
+        self._set_precision(choice)
         criterion = self._criterion(model)
         adversarial = (AdversarialConfig(cfg.adv_eps, cfg.adv_step, cfg.adv_steps, cfg.adv_true_labels)
                        if cfg.adv_training else None)
