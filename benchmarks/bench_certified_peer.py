@@ -5,9 +5,14 @@ and the same radius code (``lcnn_timm.certify.radius.certified_radii``):
 
 * ``torchlip``: the network and loss of deel-torchlip's ``wasserstein_classification_fashionMNIST`` notebook
   (SpectralConv2d + GroupSort2 + ScaledL2NormPool2d, FrobeniusLinear head, LseHKRMulticlassLoss(0.9, 1.0, 10)),
-  exported with ``vanilla_export``. Its logit map is 1-Lipschitz by construction (the library's claim, not
-  re-proved here), so ``L_ij = sqrt(2)``; GroupSort is not twice differentiable, so only first-order radii
-  (``K = inf``: the gradient-path radius is then the first-order one).
+  exported with ``vanilla_export``, certified by :func:`peer_certificate`: ``L_ij = ||w_i - w_j|| *`` the product of
+  its body's certified layer norms (convs and linears by the package's operator-norm bounds at their input sizes,
+  as for ``lcnn_lipcnn``; GroupSort and non-overlapping L2-norm pooling are 1-Lipschitz). GroupSort is not twice
+  differentiable, so only first-order radii (``K = inf``: the gradient-path radius is then the first-order one).
+  The peer notebook's own formula, margin / 2 (``||w_i - w_j|| <= 2`` for unit rows, body 1-Lipschitz by the
+  library's construction), is reported beside it as ``documented``. (Before 2026-12-07 this benchmark used
+  ``L_ij = sqrt(2)``, i.e. a 1-Lipschitz logit map, which the ``disjoint_neurons`` head is not: its rows have norm 1
+  but ``||w_i - w_j||`` reaches 1.78 (issue 34), so those radii were not proved.)
 * ``lcnn``: the registered ``lcnn_lipcnn`` (1-Lipschitz, Softplus MaxMin), trained with the package's certified-margin
   loss (``lcnn_timm.train.certified_loss``) plus ``beta_weight * sum(beta)``, as ``configs/fashion_mnist_lipcnn.yaml``
   does, and certified by ``lcnn_timm.certify.certify`` (Lipschitz and Hessian bounds of every logit difference).
@@ -23,6 +28,7 @@ import argparse
 import json
 import math
 import time
+from typing import Sequence
 
 import timm
 import torch
@@ -33,9 +39,11 @@ from torch.nn.utils import parametrize
 import lcnn_timm  # noqa: F401  (registers lcnn_lipcnn)
 from lcnn_timm.certify import certify
 from lcnn_timm.certify.bounds import Certificate, MapBound
+from lcnn_timm.certify.operator_norm import ROUNDING_MARGIN, conv_norm_bound, gram_norm_bound
 from lcnn_timm.certify.radius import certified_radii
 from lcnn_timm.curvature.penalty import curvature_penalty
 from lcnn_timm.data.fashion_mnist import load_fashion_mnist
+from lcnn_timm.layers.spectral_norm import operator_for
 from lcnn_timm.robustness.pgd import pgd_attack
 from lcnn_timm.train.certified_loss import LipschitzMarginLoss
 
@@ -57,6 +65,58 @@ def torchlip_model() -> nn.Module:
         nn.Flatten(), torchlip.SpectralLinear(1568, 64), torchlip.GroupSort2(),
         torchlip.FrobeniusLinear(64, 10, bias=True, disjoint_neurons=True), k_coef_lip=1.0,
     )
+
+
+def _is_groupsort(module: nn.Module) -> bool:
+    """deel-torchlip's GroupSort (a sort within channel groups: a permutation of its input wherever it is evaluated,
+    so 1-Lipschitz), matched by its defining module, not only its name."""
+    return type(module).__module__.startswith("deel.torchlip") and type(module).__name__.startswith("GroupSort")
+
+
+def _layer_norm_bound(module: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """Certified Lipschitz bound of one exported peer layer at ``input_shape`` (without batch), float64."""
+    if isinstance(module, nn.Conv2d):
+        return conv_norm_bound(module.weight.detach(), operator_for(module, input_shape[-2:]))
+    if isinstance(module, nn.Linear):
+        return gram_norm_bound(module.weight.detach())
+    if type(module) is nn.Flatten or _is_groupsort(module):
+        return torch.tensor(1.0, dtype=torch.float64)
+    if type(module) is nn.LPPool2d and module.norm_type == 2 and (module.stride is None or
+                                                                   module.stride == module.kernel_size):
+        # the L2 norm of each window, windows disjoint: sum_w (|x_w| - |y_w|)^2 <= sum_w |x_w - y_w|^2
+        return torch.tensor(1.0, dtype=torch.float64)
+    raise ValueError(f"no certified bound for the peer's {type(module).__name__} layer")
+
+
+def peer_certificate(model: nn.Sequential, input_shape: Sequence[int]) -> Certificate:
+    """First-order certificate of an exported deel-torchlip chain whose last layer is a linear head:
+    ``L_ij = ||w_i - w_j|| * prod(body layer bounds)``, ``K_ij = inf`` (GroupSort is not twice differentiable)."""
+    shapes = {}
+
+    def record(module: nn.Module, args) -> None:
+        shapes[id(module)] = args[0].shape[1:]
+
+    handles = [m.register_forward_pre_hook(record) for m in model]
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype))
+    for handle in handles:
+        handle.remove()
+    *body, head = model
+    body_bound = torch.tensor(1.0, dtype=torch.float64)
+    for layer in body:
+        body_bound = body_bound * _layer_norm_bound(layer, shapes[id(layer)])
+    weight = head.weight.detach().double()
+    pairs = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * (1.0 + ROUNDING_MARGIN)
+    lipschitz = pairs * body_bound
+    return Certificate(lipschitz, torch.where(lipschitz > 0, math.inf, 0.0),
+                       MapBound(body_bound * gram_norm_bound(weight), torch.tensor(math.inf)), tuple(input_shape))
+
+
+def documented_certificate(classes: int, input_shape: Sequence[int]) -> Certificate:
+    """The peer notebook's radius, margin / 2: ``L_ij = 2`` (unit-norm head rows, body 1-Lipschitz by construction)."""
+    lipschitz = 2.0 * (1.0 - torch.eye(classes, dtype=torch.float64))
+    return Certificate(lipschitz, torch.where(lipschitz > 0, math.inf, 0.0),
+                       MapBound(torch.tensor(math.inf), torch.tensor(math.inf)), tuple(input_shape))
 
 
 def train(model, loss_fn, images, labels, epochs, seed):
@@ -146,11 +206,15 @@ def main() -> None:
         peer = torchlip_model()
         hkr = torchlip.LseHKRMulticlassLoss(alpha=0.9, min_margin=1.0, temperature=10.0)
         seconds = train(peer, lambda z, y: hkr(z, F.one_hot(y, 10)), train_x, train_y, args.epochs, args.seed)
-        vanilla = peer.vanilla_export().eval()
-        pairs = math.sqrt(2.0) * (1.0 - torch.eye(10, dtype=torch.float64))
-        certificate = Certificate(pairs, torch.where(pairs > 0, math.inf, 0.0),
-                                  MapBound(torch.tensor(1.0), torch.tensor(math.inf)), (1, 28, 28))
+        vanilla = peer.vanilla_export().eval().double()
+        certificate = peer_certificate(vanilla, (1, 28, 28))
         rows.append(evaluate("torchlip", vanilla, certificate, test_x, test_y, seconds))
+        off = ~torch.eye(10, dtype=torch.bool)
+        rows[-1].update(lipschitz_max=certificate.lipschitz[off].max().item())
+        documented = evaluate("torchlip (documented margin / 2)", vanilla, documented_certificate(10, (1, 28, 28)),
+                              test_x, test_y, seconds)
+        rows.append(documented)
+        print(f"  L_ij max {rows[-2]['lipschitz_max']:.3f} (sound, per pair) vs 2 (documented)")
 
     keys = ["clean"] + [f"{k}@{e}" for e in RADII for k in (*KINDS, "pgd")]
     print("\n| " + " | ".join(["model", *keys, "curv > 1st (%)", "combined > 1st (%)", "train s"]) + " |")
