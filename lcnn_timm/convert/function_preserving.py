@@ -104,8 +104,17 @@ def assess_preservation(report: ConversionReport, classifier: Iterable[str], fun
                               "other 1/sigma absorbed by a BatchNorm (the classifier's rescales the logits)")
 
 
+def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's pre-logit features (the classifier's unabsorbed 1/sigma only rescales the logits), else the output."""
+    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return model(x)
+
+
 def relative_deviation(original: nn.Module, converted: nn.Module, input_size: Sequence[int], batch: int = 4) -> float:
-    """``max |converted(x) - original(x)| / max |original(x)|`` in eval mode on one random normal batch."""
-    outputs = [run_once(model, input_size, batch, torch.Generator().manual_seed(0)) for model in (original, converted)]
+    """``max |f'(x) - f(x)| / max |f(x)|`` in eval mode on one random normal batch, where ``f`` is a timm model's
+    pre-logit features and other models' output."""
+    outputs = [run_once(model, input_size, batch, torch.Generator().manual_seed(0), _pre_logits)
+               for model in (original, converted)]
     reference, output = (out.double() for out in outputs)
     return float((output - reference).abs().max() / reference.abs().max())

@@ -1,7 +1,7 @@
 """One dummy forward that records what the conversion needs to know about the data flow."""
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,16 +35,18 @@ class ProbeResult:
 
 @torch.no_grad()
 def run_once(model: nn.Module, input_size: Sequence[int], batch: int = 1,
-             generator: Optional[torch.Generator] = None) -> Any:
-    """``model``'s output in eval mode on a random ``(batch, *input_size)`` normal input (drawn with the CPU
-    ``generator`` when given, so that two models can see the same input); every module's training flag is restored."""
+             generator: Optional[torch.Generator] = None, call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None
+             ) -> Any:
+    """``call(model, x)`` (default ``model(x)``) in eval mode on a random ``(batch, *input_size)`` normal input ``x``,
+    drawn with the CPU ``generator`` when given (so that two models can see the same input); every module's
+    training flag is restored."""
     training = {m: m.training for m in model.modules()}
     reference = next(iter(model.parameters()), torch.empty(0))
     device = "cpu" if generator is not None else reference.device
     x = torch.randn(batch, *input_size, generator=generator, dtype=reference.dtype, device=device)
     try:
         model.eval()
-        return model(x.to(reference.device))
+        return (call or nn.Module.__call__)(model, x.to(reference.device))
     finally:
         for module, mode in training.items():
             module.training = mode
