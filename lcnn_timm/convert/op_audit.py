@@ -22,8 +22,8 @@ from .report import ConversionReport
 
 __all__ = ["ACTIVATION_OPS", "POOL_OPS", "audit_ops", "count_ops"]
 
-# ATen ops (in-place ``_`` variants included) that a ReLU-family or piecewise-linear activation runs as; relu6,
-# selu, celu and rrelu (eval) reach ATen as hardtanh, elu and leaky_relu
+# ATen ops (in-place ``_`` variants included) that a ReLU-family or piecewise-linear activation runs as; relu6
+# reaches ATen as hardtanh, selu and celu as elu, prelu as _prelu_kernel, rrelu as rrelu_with_noise (checked on CPU)
 ACTIVATION_OPS = frozenset({
     "relu", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "threshold", "leaky_relu", "elu",
     "_prelu_kernel", "rrelu_with_noise", "softplus",
