@@ -20,6 +20,9 @@ SWEEP = [
     "levit_128s", "mobilevit_xxs", "tiny_vit_5m_224",
     # zero-initialised head / NF gains (issue 24): spectral norms of zero operators diverged to NaN
     "resmlp_12_224", "nf_resnet26",
+    # LiteMLA's linear-attention denominator q . sum(k) + eps with a signed kernel map: NaN at the second step
+    # (issue 33); a positive softplus keeps it >= eps
+    "efficientvit_b0",
 ]
 FIXED_SIZE = {"levit_128s": 224, "tiny_vit_5m_224": 224}
 MODEL_KWARGS = {"resmlp_12_224": {"img_size": 64}}

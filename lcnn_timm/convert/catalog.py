@@ -13,6 +13,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.linear import Linear as TimmLinear
 from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.models.efficientvit_mit import LiteMLA
 from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -29,6 +30,7 @@ __all__ = [
     "LINEARS",
     "FUNCTIONAL_ACTIVATIONS",
     "FUNCTIONAL_GATES",
+    "is_lcnn_layer",
     "leave_reason",
 ]
 
@@ -60,6 +62,11 @@ ACTIVATIONS = (
     nn.SELU,
     nn.Softplus,
 ) + _timm_classes(activations, gate=False) + _timm_classes(activations_me, gate=False)
+
+# Activation slots whose output sign matters: (owner type, attribute). LiteMLA's ``kernel_func`` maps q and k
+# of a linear attention that divides by ``q . sum(k) + eps``; a signed map drives that towards 0 (efficientvit_b0
+# went NaN at the second step). They get a positive softplus instead of the centered one.
+SIGN_KEEPING_SLOTS = {(LiteMLA, "kernel_func")}
 
 # Saturating activations used as multiplicative gates (squeeze-excite, ...): left alone
 GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh) + _timm_classes(activations, gate=True) + _timm_classes(
@@ -94,15 +101,31 @@ _OUTSIDE_THEORY: Dict[type, Tuple[str, str]] = {
     nn.LayerNorm: ("norm", "LayerNorm is outside the LCNN theory (per-sample normalisation has no fixed Lipschitz bound)"),
     nn.GroupNorm: ("norm", "GroupNorm is outside the LCNN theory (per-sample normalisation has no fixed Lipschitz bound)"),
     nn.MultiheadAttention: ("attention", "attention is outside the LCNN theory"),
+    LiteMLA: ("attention", "linear attention (LiteMLA) is outside the LCNN theory"),
+    nn.RNNBase: ("linear", "recurrent layer (LSTM/GRU/RNN): its weights are not normalised (no LCNN form)"),
     nn.MaxPool2d: ("pool", MAX_POOL_REASON),
     nn.AdaptiveMaxPool2d: ("pool", MAX_POOL_REASON),
     CondConv2d: ("conv", "CondConv2d mixes expert kernels per sample; no fixed operator to normalise"),
 }
 
 
+# piecewise-linear activations with no ReLU-like replacement: a centered softplus would drop their saturation
+_PIECEWISE_LINEAR: Dict[type, str] = {
+    nn.Hardtanh: "clamp to [min_val, max_val]: piecewise linear (not smooth) and saturating; no LCNN replacement",
+    nn.Threshold: "x if x > threshold else value: a kink or a jump at the threshold; no LCNN replacement",
+}
+_GATE_REASON = "sigmoid/tanh-like gate, left alone (smooth, bounded curvature, multiplicative use)"
+_HARD_GATE_REASON = ("piecewise-linear gate (hard sigmoid): not smooth, its curvature is unbounded at its two kinks; "
+                     "left alone (multiplicative use)")
+
 _TIMM_NORM_MODULES = {
     f"timm.layers.{name}" for name in ("norm", "norm_act", "evo_norm", "filter_response_norm", "inplace_abn")
 }
+
+
+def is_lcnn_layer(module: nn.Module) -> bool:
+    """An LCNN layer (centered softplus, gamma-BN, spectral-norm parametrization, ...): converted by definition."""
+    return type(module).__module__.startswith(("lcnn_timm.layers", "lcnn_timm.convert"))
 
 
 def leave_reason(module: nn.Module) -> Optional[Tuple[str, str]]:
@@ -115,7 +138,9 @@ def leave_reason(module: nn.Module) -> Optional[Tuple[str, str]]:
     if is_spectral_normalized(module):
         return None
     if type(module) in GATES:
-        return "gate", "sigmoid/tanh-like gate, left alone (bounded curvature, multiplicative use)"
+        return "gate", _HARD_GATE_REASON if "hard" in type(module).__name__.lower() else _GATE_REASON
+    if type(module) in _PIECEWISE_LINEAR:
+        return "activation", _PIECEWISE_LINEAR[type(module)]
     for cls, entry in _OUTSIDE_THEORY.items():
         if isinstance(module, cls):
             return entry

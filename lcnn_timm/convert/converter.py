@@ -2,17 +2,18 @@
 import copy
 import math
 import types
-from typing import Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 from torch import nn
 
 from .activations import replace_activations
 from .catalog import leave_reason
 from .convs import normalize_layers
-from .function_preserving import absorb_spectral_scales, open_gamma_clips
+from .function_preserving import absorb_spectral_scales, assess_preservation, open_gamma_clips, relative_deviation
 from .fx_activations import rewrite_functional_activations
 from .norms import replace_batchnorms
-from .probe import probe
+from .op_audit import audit_ops
+from .probe import ProbeResult, probe
 from .report import ConversionReport
 from .scalings import find_learned_scalings
 
@@ -44,10 +45,10 @@ def _check_positive(name: str, value: float) -> None:
 
 def _audit(model: nn.Module, report: ConversionReport) -> None:
     """Report every module the conversion did not handle and that matters to the LCNN theory."""
-    reported: Set[str] = {entry.name for entry in report.left_alone}
+    reported: Set[Tuple[str, str]] = {(entry.name, entry.kind) for entry in report.left_alone}
     for name, module in model.named_modules():
         found = leave_reason(module)
-        if found is not None and (name or "<model>") not in reported:
+        if found is not None and (name or "<model>", found[0]) not in reported:
             kind, reason = found
             report.leave(name or "<model>", type(module).__name__, kind, reason)
 
@@ -60,6 +61,7 @@ def convert_model(
     gamma: float = 10.0,
     function_preserving: bool = False,
     init_iterations: int = 100,
+    measure_deviation: bool = False,
 ) -> Tuple[nn.Module, ConversionReport]:
     """Convert ``model`` to an LCNN: centered softplus, gamma-BN and operator-norm spectral normalisation.
 
@@ -73,6 +75,8 @@ def convert_model(
         function_preserving: keep a pretrained model's eval function: each spectral-norm scale is absorbed by the
             BatchNorm that follows the layer, gamma clips are opened, beta defaults large (see docs/converter.md).
         init_iterations: at most this many Lanczos steps converge each new spectral norm (see ``spectral_norm``).
+        measure_deviation: also measure how far the converted model's eval output is from the original's on a
+            random batch (``report.preservation.deviation``); with ``inplace`` this costs a copy of the model.
 
     Returns:
         The converted model (a copy unless ``inplace``; a ``torch.fx.GraphModule`` only when the model's own
@@ -86,42 +90,68 @@ def convert_model(
     if not isinstance(init_iterations, int) or init_iterations < 1:
         raise ValueError(f"convert_model: init_iterations must be an int >= 1, got {init_iterations!r}")
     input_size = _resolve_input_size(model, input_size)
+    original = copy.deepcopy(model) if inplace and measure_deviation else model
     if not inplace:
         model = copy.deepcopy(model)
 
     report = ConversionReport()
     probed = probe(model, input_size)
     scalings = find_learned_scalings(model)  # before the conversion changes any layer's type
-    gamma_bns = replace_batchnorms(model, probed, gamma, report)
-    replace_activations(model, beta, report)
-    model = rewrite_functional_activations(model, beta, report)
-    normalized = normalize_layers(model, probed, init_iterations, report)
+    settings = dict(input_size=input_size, beta=beta, gamma=gamma, init_iterations=init_iterations)
+    model, gamma_bns, normalized = _convert_layers(model, probed, settings, report)
     if function_preserving:
         absorb_spectral_scales(model, probed, normalized, gamma_bns, report)
         open_gamma_clips(model, gamma)
     _audit(model, report)
     for scaling in scalings:
         report.leave(*scaling)
-    _keep_timm_conventions(model, input_size, beta, init_iterations)
+    audit_ops(model, input_size, report)  # after every other entry: it accounts for what they do not
+    report.preservation = assess_preservation(report, _classifier_names(model), function_preserving)
+    if measure_deviation:
+        report.preservation.deviation = relative_deviation(original, model, input_size)
+    _keep_timm_conventions(model, settings)
     return model, report
 
 
-def _keep_timm_conventions(model: nn.Module, input_size: Tuple[int, int, int], beta: float,
-                           init_iterations: int) -> None:
+def _classifier_names(model: nn.Module) -> Set[str]:
+    """Qualified names of the layers in timm's ``get_classifier()`` (none for other models)."""
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if not isinstance(head, nn.Module):
+        return set()
+    inside = set(head.modules())
+    return {name for name, module in model.named_modules() if module in inside}
+
+
+def _convert_layers(
+    model: nn.Module, probed: ProbeResult, settings: Dict[str, Any], report: ConversionReport
+) -> Tuple[nn.Module, Dict[nn.Module, nn.Module], Dict[nn.Module, nn.Module]]:
+    """BatchNorms, activation modules, functional activations, then convs/linears: the layer conversions.
+
+    Returns the (possibly new) root, the gamma-BN of each replaced BatchNorm and the normalised layers.
+    """
+    gamma_bns = replace_batchnorms(model, probed, settings["gamma"], report)
+    replace_activations(model, settings["beta"], report)
+    model = rewrite_functional_activations(model, settings["beta"], report)
+    normalized = normalize_layers(model, probed, settings["init_iterations"], report)
+    return model, gamma_bns, normalized
+
+
+def _keep_timm_conventions(model: nn.Module, settings: Dict[str, Any]) -> None:
     """What timm reads from a model stays true after conversion: ``pretrained_cfg['input_size']`` is the
     conversion size (the spectral norms hold there only), and ``reset_classifier`` installs an LCNN head."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
-        model.pretrained_cfg = model.default_cfg = dict(cfg, input_size=tuple(input_size))
+        model.pretrained_cfg = model.default_cfg = dict(cfg, input_size=settings["input_size"])
     if callable(getattr(type(model), "reset_classifier", None)):
-        model._lcnn_conversion = dict(input_size=tuple(input_size), beta=beta, init_iterations=init_iterations)
+        model._lcnn_conversion = settings
         model.reset_classifier = types.MethodType(_lcnn_reset_classifier, model)
 
 
 def _lcnn_reset_classifier(self: nn.Module, num_classes: int, *args, **kwargs) -> None:
-    """timm's ``reset_classifier``, then the new head converted like the rest of the model (its activations
-    centered softplus, its conv/linear layers spectrally normalised). Bound per instance by ``convert_model``."""
+    """timm's ``reset_classifier``, then the new head converted like the rest of the model (its BatchNorms
+    gamma-BNs, e.g. in levit's ``NormLinear``; its activations centered softplus; its conv/linear layers
+    spectrally normalised). Bound per instance by ``convert_model``."""
     type(self).reset_classifier(self, num_classes, *args, **kwargs)
-    settings, report = self._lcnn_conversion, ConversionReport()
-    replace_activations(self, settings["beta"], report)
-    normalize_layers(self, probe(self, settings["input_size"]), settings["init_iterations"], report)
+    settings = self._lcnn_conversion
+    # the root is not rewritten: a model whose own forward was is a GraphModule, without reset_classifier
+    _convert_layers(self, probe(self, settings["input_size"]), settings, ConversionReport())

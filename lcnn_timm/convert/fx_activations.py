@@ -3,12 +3,15 @@
 Tracing honours timm's leaf-module and auto-wrapped-function lists
 (``timm.layers._fx``) as timm's own feature extractor does, and also keeps every
 layer the converter handles as a leaf, so their parameters stay inside real
-modules. Only the smallest modules whose own forward calls a functional
+modules. timm's no-trace leaves are then traced on their own (a functional
+activation in mobilevitv2's ``LinearSelfAttention`` or dm_nfnet's ``GammaAct``
+sits below one). Only the smallest modules whose own forward calls a functional
 activation are replaced by the rewritten ``torch.fx.GraphModule``; the rest of
 the model keeps its classes and methods. A forward that cannot be traced is
 reported, and its children are searched one by one.
 """
-from typing import List, Set
+import inspect
+from typing import Iterator, List, NamedTuple, Optional, Set
 
 import torch
 import torch.fx
@@ -30,10 +33,11 @@ from .catalog import (
     PLAIN_BATCHNORMS,
     PLAIN_CONVS,
     STANDARDIZED_CONVS,
+    is_lcnn_layer,
 )
 from .report import ConversionReport
 
-__all__ = ["LeafTracer", "rewrite_functional_activations"]
+__all__ = ["LeafTracer", "Traced", "rewrite_functional_activations", "traced_forwards"]
 
 _CONVERTER_LEAVES = ACTIVATIONS + GATES + PLAIN_CONVS + STANDARDIZED_CONVS + LINEARS + PLAIN_BATCHNORMS + FUSED_BATCHNORM_ACTS
 
@@ -47,6 +51,64 @@ class LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         kind = type(module)
         return kind in _CONVERTER_LEAVES or timm_fx.is_notrace_module(kind) or super().is_leaf_module(module, qualified_name)
+
+
+def _trace(module: nn.Module) -> torch.fx.Graph:
+    """``module``'s forward traced with :class:`LeafTracer`.
+
+    If that fails, once more with the parameters that default to None fixed at None: fx would trace them as
+    values and take the branch for a given one (``LinearSelfAttention(x, x_prev=None)`` took cross-attention and
+    failed). A graph traced so asserts at run time that they are None.
+    """
+    try:
+        return LeafTracer().trace(module)
+    except Exception as error:  # fx raises many types for data-dependent control flow
+        optional = {name: None for name, parameter in inspect.signature(module.forward).parameters.items()
+                    if parameter.default is None}
+        if not optional:
+            raise
+        try:
+            return LeafTracer().trace(module, concrete_args=optional)
+        except Exception:
+            raise error from None
+
+
+class Traced(NamedTuple):
+    """The traced forward of module ``prefix``, or ``graph`` None and the ``error`` fx raised."""
+
+    prefix: str
+    module: nn.Module
+    graph: Optional[torch.fx.Graph]
+    error: Optional[Exception]
+
+
+def _is_notrace_leaf(module: nn.Module) -> bool:
+    return type(module) not in _CONVERTER_LEAVES and timm_fx.is_notrace_module(type(module))
+
+
+def traced_forwards(module: nn.Module, prefix: str = "") -> Iterator[Traced]:
+    """``module``'s traced forward, then those of the timm no-trace leaves in it (fx does not enter them).
+
+    Where a forward cannot be traced, its children are traced one by one instead; containers without a forward
+    (``ModuleList``) are entered, and the converter's own layers are skipped (they are converted already).
+    """
+    if is_lcnn_layer(module):
+        return
+    if type(module).forward is nn.Module.forward:
+        graph = None
+    else:
+        try:
+            graph, error = _trace(module), None
+        except Exception as failure:  # fx raises many types for data-dependent control flow
+            graph, error = None, failure
+        yield Traced(prefix, module, graph, error)
+    if graph is None:
+        children = list(module.named_children())
+    else:
+        children = [(node.target, module.get_submodule(node.target)) for node in graph.nodes
+                    if node.op == "call_module" and _is_notrace_leaf(module.get_submodule(node.target))]
+    for name, child in children:
+        yield from traced_forwards(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _target_name(node: torch.fx.Node) -> str:
@@ -76,27 +138,33 @@ def _owner(node: torch.fx.Node, prefix: str) -> str:
     return ".".join(part for part in (prefix, inner) if part)
 
 
-def _search(module: nn.Module, prefix: str, report: ConversionReport, owners: Set[str]) -> None:
-    """Collect the owners of functional activations under ``module``; report gates and untraceable forwards."""
-    try:
-        graph = LeafTracer().trace(module)
-    except Exception as error:  # fx raises many types for data-dependent control flow
-        report.leave(
-            prefix or "<model>",
-            type(module).__name__,
-            "untraceable",
-            f"forward not traceable by torch.fx ({type(error).__name__}); its own functional activations were not searched",
-        )
-        for name, child in module.named_children():
-            _search(child, f"{prefix}.{name}" if prefix else name, report, owners)
-        return
-    for node in graph.nodes:
-        if _is_activation(node):
-            owners.add(_owner(node, prefix))
-        elif _is_gate(node):
-            report.leave(f"{_owner(node, prefix) or '<model>'}:{node.name}", _op_name(node), "gate", "functional gate, left alone")
-        elif node.op == "call_function" and node.target in FUNCTIONAL_MAX_POOLS:
-            report.leave(f"{_owner(node, prefix) or '<model>'}:{node.name}", _op_name(node), "pool", MAX_POOL_REASON)
+def _search(model: nn.Module, report: ConversionReport, owners: Set[str]) -> None:
+    """Collect the owners of functional activations in ``model``; report gates, max pools and untraceable forwards.
+
+    A timm no-trace module fx cannot trace is a ``note``, not ``untraceable``: timm already declares it so, its
+    children are searched, and the op audit (``op_audit``) accounts for the activations that run in it.
+    """
+    for traced in traced_forwards(model):
+        prefix = traced.prefix
+        if traced.graph is None:
+            what = type(traced.error).__name__
+            if _is_notrace_leaf(traced.module):
+                report.leave(prefix or "<model>", type(traced.module).__name__, "note",
+                             f"timm no-trace module, not traceable by torch.fx ({what}): its children were searched, "
+                             "the activations that ran were audited; learned scalings in its own forward were not")
+            else:
+                report.leave(prefix or "<model>", type(traced.module).__name__, "untraceable",
+                             f"forward not traceable by torch.fx ({what}); its own functional activations were not "
+                             "searched")
+            continue
+        for node in traced.graph.nodes:
+            where = f"{_owner(node, prefix) or '<model>'}:{node.name}"
+            if _is_activation(node):
+                owners.add(_owner(node, prefix))
+            elif _is_gate(node):
+                report.leave(where, _op_name(node), "gate", "functional gate, left alone")
+            elif node.op == "call_function" and node.target in FUNCTIONAL_MAX_POOLS:
+                report.leave(where, _op_name(node), "pool", MAX_POOL_REASON)
 
 
 def _outermost(owners: Set[str]) -> List[str]:
@@ -109,9 +177,16 @@ def _outermost(owners: Set[str]) -> List[str]:
     return kept
 
 
+def _redirect_later_reads(value: torch.fx.Node, new: torch.fx.Node, after: torch.fx.Node, order: dict) -> None:
+    """Uses of ``value`` that come after node ``after`` (in the original order) read ``new`` instead."""
+    value.replace_all_uses_with(
+        new, delete_user_cb=lambda user: user is not new and order.get(user, -1) > order[after]
+    )
+
+
 def _rewrite(module: nn.Module, owner: str, beta: float, report: ConversionReport) -> torch.fx.GraphModule:
     """Trace ``module`` and replace each functional activation by a new CenteredSoftplus submodule."""
-    rewritten = torch.fx.GraphModule(module, LeafTracer().trace(module), class_name=f"{type(module).__name__}LCNN")
+    rewritten = torch.fx.GraphModule(module, _trace(module), class_name=f"{type(module).__name__}LCNN")
     graph = rewritten.graph
     order = {node: index for index, node in enumerate(graph.nodes)}
     device = next(module.parameters(), torch.empty(0)).device
@@ -127,10 +202,13 @@ def _rewrite(module: nn.Module, owner: str, beta: float, report: ConversionRepor
             replacement = graph.call_module(target, (source,))
         node.replace_all_uses_with(replacement)
         if _target_name(node).endswith("_") or node.kwargs.get("inplace", False):
-            # later readers of the input saw it modified in place
-            source.replace_all_uses_with(
-                replacement, delete_user_cb=lambda user: user is not replacement and order.get(user, -1) > order[node]
-            )
+            _redirect_later_reads(source, replacement, node, order)  # they saw the input modified in place
+        for user in list(replacement.users):
+            if user.op == "call_method" and user.target.endswith("_") and user.args[0] is replacement:
+                # CenteredSoftplus's backward keeps its output: modifying it in place (GammaAct's
+                # ``act(x).mul_(gamma)``) would fail the backward, so the op runs out of place
+                user.target = user.target[:-1]
+                _redirect_later_reads(replacement, user, user, order)
         graph.erase_node(node)
         report.replace(f"{owner or '<model>'}:{node.name}", _op_name(node), f"CenteredSoftplus ({target})")
     rewritten.recompile()
@@ -141,7 +219,7 @@ def _rewrite(module: nn.Module, owner: str, beta: float, report: ConversionRepor
 def rewrite_functional_activations(model: nn.Module, beta: float, report: ConversionReport) -> nn.Module:
     """Rewrite functional activations into CenteredSoftplus modules; returns the (possibly new) root module."""
     owners: Set[str] = set()
-    _search(model, "", report, owners)
+    _search(model, report, owners)
     for owner in _outermost(owners):
         rewritten = _rewrite(model.get_submodule(owner), owner, beta, report)
         if not owner:

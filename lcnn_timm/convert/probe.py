@@ -1,14 +1,14 @@
 """One dummy forward that records what the conversion needs to know about the data flow."""
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .catalog import FUSED_BATCHNORM_ACTS, LINEARS, PLAIN_BATCHNORMS, PLAIN_CONVS, STANDARDIZED_CONVS
 
-__all__ = ["ProbeResult", "probe"]
+__all__ = ["ProbeResult", "probe", "run_once"]
 
 _PRODUCERS = PLAIN_CONVS + STANDARDIZED_CONVS + LINEARS
 _NORMS = PLAIN_BATCHNORMS + FUSED_BATCHNORM_ACTS
@@ -34,6 +34,25 @@ class ProbeResult:
 
 
 @torch.no_grad()
+def run_once(model: nn.Module, input_size: Sequence[int], batch: int = 1,
+             generator: Optional[torch.Generator] = None, call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None
+             ) -> Any:
+    """``call(model, x)`` (default ``model(x)``) in eval mode on a random ``(batch, *input_size)`` normal input ``x``,
+    drawn with the CPU ``generator`` when given (so that two models can see the same input); every module's
+    training flag is restored."""
+    training = {m: m.training for m in model.modules()}
+    reference = next(iter(model.parameters()), torch.empty(0))
+    device = "cpu" if generator is not None else reference.device
+    x = torch.randn(batch, *input_size, generator=generator, dtype=reference.dtype, device=device)
+    try:
+        model.eval()
+        return (call or nn.Module.__call__)(model, x.to(reference.device))
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+
+
+@torch.no_grad()
 def probe(model: nn.Module, input_size: Sequence[int]) -> ProbeResult:
     """Run ``model`` once in eval mode on a random ``(1, *input_size)`` input with recording hooks."""
     result = ProbeResult()
@@ -52,16 +71,11 @@ def probe(model: nn.Module, input_size: Sequence[int]) -> ProbeResult:
 
     handles = [m.register_forward_pre_hook(record_input) for m in model.modules()]
     handles += [m.register_forward_hook(record_output) for m in model.modules() if type(m) in _PRODUCERS]
-    training = {m: m.training for m in model.modules()}
-    reference = next(iter(model.parameters()), torch.empty(0))
     try:
-        model.eval()
-        model(torch.randn(1, *input_size, dtype=reference.dtype, device=reference.device))
+        run_once(model, input_size)
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in training.items():
-            module.training = mode
     for key, users in consumers.items():
         layer = produced[key][0]
         called_once = len(result.input_shapes[layer]) == 1

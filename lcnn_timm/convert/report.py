@@ -1,9 +1,12 @@
 """What a conversion changed, and what it left alone and why."""
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
-__all__ = ["ConversionReport", "Replacement", "LeftAlone", "Compensation", "FULLY_CONVERTED_MEANS", "UNCONVERTED_KINDS"]
+__all__ = [
+    "ConversionReport", "Replacement", "LeftAlone", "Compensation", "Preservation", "FULLY_CONVERTED_MEANS",
+    "UNCONVERTED_KINDS",
+]
 
 # Kinds of left-alone entries that mean the model is NOT a complete LCNN: a
 # ReLU-family activation, a BatchNorm, an un-normalised conv/linear or a learned
@@ -49,6 +52,22 @@ class Compensation:
     absorbed_by: str
 
 
+@dataclass
+class Preservation:
+    """Whether the conversion is expected to keep the model's eval function, why, and (when measured) by how much.
+
+    ``deviation`` is ``max |converted(x) - original(x)| / max |original(x)|`` on a random eval batch, or None.
+    """
+
+    expected: bool
+    reason: str
+    deviation: Optional[float] = None
+
+    def __str__(self) -> str:
+        measured = "" if self.deviation is None else f"; measured deviation {self.deviation:.3g}"
+        return f"function preservation {'expected' if self.expected else 'NOT expected'}: {self.reason}{measured}"
+
+
 def _counts(entries: Iterable[LeftAlone]) -> str:
     """``"2 gate, 1 pool"``: entries per kind."""
     return ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(e.kind for e in entries).items()))
@@ -61,6 +80,9 @@ class ConversionReport:
     replaced: List[Replacement] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
     compensations: List[Compensation] = field(default_factory=list)
+    # activation and max-pooling ATen ops that ran in one forward after conversion (``op_audit``), by op
+    executed_ops: Counter = field(default_factory=Counter)
+    preservation: Optional[Preservation] = None
 
     def replace(self, name: str, old: str, new: str) -> None:
         self.replaced.append(Replacement(name, old, new))
@@ -101,6 +123,8 @@ class ConversionReport:
             lines.append(
                 f"function-preserving: {absorbed}/{len(self.compensations)} spectral-norm scales absorbed by BatchNorm"
             )
+        if self.preservation is not None:
+            lines.append(str(self.preservation))
         if self.fully_converted:
             others = _counts(e for e in self.left_alone if e.kind != "note")
             tail = f" ({others} left alone as listed: not counted)" if others else ""

@@ -12,16 +12,15 @@ reported; additive uses (biases, positional embeddings) are not. Forwards fx
 cannot trace are reported as ``untraceable`` by the activation search instead.
 """
 import operator
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
-from timm.layers import _fx as timm_fx
 from torch import nn
 
 from .catalog import leave_reason
-from .fx_activations import _CONVERTER_LEAVES, LeafTracer
+from .fx_activations import traced_forwards
 
 __all__ = ["LearnedScaling", "find_learned_scalings"]
 
@@ -99,23 +98,6 @@ def _use(node: torch.fx.Node) -> Optional[str]:
     return None
 
 
-def _graphs(module: nn.Module, prefix: str) -> Iterator[Tuple[str, torch.fx.Graph]]:
-    """Traced graphs of ``module`` and of timm's no-trace leaves inside it (which fx would not enter)."""
-    try:
-        graph = LeafTracer().trace(module)
-    except Exception:  # fx raises many types; the activation search reports the forward as untraceable
-        for name, child in module.named_children():
-            yield from _graphs(child, f"{prefix}.{name}" if prefix else name)
-        return
-    yield prefix, graph
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        leaf = module.get_submodule(node.target)
-        if type(leaf) not in _CONVERTER_LEAVES and timm_fx.is_notrace_module(type(leaf)):
-            yield from _graphs(leaf, f"{prefix}.{node.target}" if prefix else node.target)
-
-
 def find_learned_scalings(model: nn.Module) -> List[LearnedScaling]:
     """Parameters a forward uses as a factor of the signal outside convs, linears, BatchNorms and LCNN layers.
 
@@ -123,8 +105,8 @@ def find_learned_scalings(model: nn.Module) -> List[LearnedScaling]:
     ``lcnn_timm`` layers are skipped; each parameter is listed once.
     """
     found: Dict[str, LearnedScaling] = {}
-    for prefix, graph in _graphs(model, ""):
-        for node in graph.nodes:
+    for prefix, _, graph, _ in traced_forwards(model):  # an untraceable forward is reported by the activation search
+        for node in graph.nodes if graph is not None else ():
             if node.op != "get_attr":
                 continue
             name = f"{prefix}.{node.target}" if prefix else node.target

@@ -1,5 +1,5 @@
 """LCNN layers: centered softplus, Softplus MaxMin, gamma-Lipschitz BatchNorm, operator spectral norm, halves block."""
-from .centered_softplus import CenteredSoftplus, centered_softplus, compiled_centered_softplus
+from .centered_softplus import CenteredSoftplus, PositiveSoftplus, centered_softplus, compiled_centered_softplus
 from .gamma_batchnorm import GammaBatchNorm1d, GammaBatchNorm2d, batchnorm_lipschitz
 from .halves_residual import FoldedHalvesResidual, HalvesResidual
 from .softplus_maxmin import SoftplusMaxMin

@@ -18,11 +18,14 @@ from typing import Optional, Union
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_module
 from torch import nn
 
-__all__ = ["CenteredSoftplus", "centered_softplus", "compiled_centered_softplus", "softplus_gate_grad"]
+__all__ = [
+    "CenteredSoftplus", "PositiveSoftplus", "centered_softplus", "compiled_centered_softplus", "softplus_gate_grad",
+]
 
 # Below this |beta * x| the two-term Taylor series is used: its relative error
 # (|t|^3 / 96 < 1.4e-6) is then below the cancellation error of the closed form
@@ -306,3 +309,18 @@ class CenteredSoftplus(nn.Module):
     def extra_repr(self) -> str:
         compiled = ", compiled_inference=True" if self.compiled_inference else ""
         return f"beta={self.beta.item():.4g}, learnable={isinstance(self.log_beta, nn.Parameter)}{compiled}"
+
+
+@register_notrace_module
+class PositiveSoftplus(CenteredSoftplus):
+    """Softplus ``log(1 + exp(beta x)) / beta`` (> 0) with a learnable beta: for activations whose sign matters.
+
+    The centered softplus is negative for x < 0; where the original activation was a non-negative feature map
+    (a ReLU kernel map in linear attention, whose ``q . sum(k) + eps`` denominator then stays >= eps), that sign
+    is what the layer relies on. The two differ by the constant ``log(2) / beta``: same Lipschitz constant (1)
+    and Hessian bound (beta / 4), so the LCNN bounds hold unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        beta = self.beta.to(x.dtype)
+        return F.softplus(x * beta) / beta  # softplus in t = beta x: differentiable in beta, and >= 0 in floats
