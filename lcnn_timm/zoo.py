@@ -2,21 +2,26 @@
 
 For every row (``configs/<zoo>_<row>.yaml``): train it with ``lcnn-timm train`` (resumed if interrupted,
 skipped if finished), evaluate the final weights with ``lcnn-timm evaluate`` on the test split, and stage the
-two LCNN rows as Hub repositories under ``hub_cards/<arch>.<tag>/`` (``--push`` uploads them). Then write the
-comparison beside the per-row results: ``table.md`` (measured numbers next to the paper's CIFAR-100 numbers,
-training cost relative to the Standard row), ``summary.json`` and ``curvature_vs_robustness.png``.
+two LCNN rows as Hub repositories under ``output/reproduce/hub_cards/<arch>.<tag>/`` (``--push`` uploads them).
+Then write the comparison beside the per-row results in ``output/reproduce/<zoo>/``: ``table.md`` (measured
+numbers next to the paper's CIFAR-100 numbers, training cost relative to the Standard row), ``summary.json`` and
+``curvature_vs_robustness.png``. ``--publish`` writes into the checked-in ``hub_cards/`` instead.
 
-Every step writes its outputs atomically, so an interrupted run is continued by running the same command again.
+Every step writes its outputs atomically, so an interrupted run is continued by running the same command again;
+Ctrl-C (the training saves a checkpoint first) exits with status 130 and prints that command.
 """
 import argparse
 import json
+import shlex
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["PAPER_RESULTS", "ROWS", "ZOOS", "Row", "Zoo", "main", "reproduce", "training_seconds"]
+__all__ = ["PAPER_RESULTS", "ROWS", "ZOOS", "ReproduceInterrupted", "Row", "Zoo", "main", "reproduce",
+           "training_seconds"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,20 @@ PAPER_RESULTS = {
 }
 
 EVAL_METRICS = ("accuracy", "curvature", "pgd", "gradient_stability")
+# where a run writes unless --publish: ignored by git, so the checked-in zoo is never mixed with a new run's rows
+DEFAULT_OUTPUT = Path("output") / "reproduce"
+# the checked-in zoo: hub_cards/<arch>.<tag>/ and hub_cards/results/<zoo>/
+PUBLISHED_HUB_CARDS = Path("hub_cards")
+# exit statuses of a train or evaluate stopped by SIGINT / SIGTERM (after saving what it had)
+_SIGNAL_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+class ReproduceInterrupted(Exception):
+    """A signal stopped a row's training or evaluation, which kept what it had; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,8 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder, for training and evaluation (default: each config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training-config key in every row (repeatable), e.g. --set epochs=1")
-    p.add_argument("--results-dir", help="where results and the comparison go (default hub_cards/results/<zoo>)")
-    p.add_argument("--hub-cards-dir", default="hub_cards", help="where the LCNN rows' Hub repositories are staged")
+    p.add_argument("--results-dir", help=f"where results and the comparison go (default {DEFAULT_OUTPUT}/<zoo>; "
+                                         f"with --publish {PUBLISHED_HUB_CARDS}/results/<zoo>)")
+    p.add_argument("--hub-cards-dir", help=f"where the LCNN rows' Hub repositories are staged (default "
+                                           f"{DEFAULT_OUTPUT}/hub_cards; with --publish {PUBLISHED_HUB_CARDS})")
+    p.add_argument("--publish", action="store_true",
+                   help=f"write results and staged repositories into the checked-in {PUBLISHED_HUB_CARDS}/, "
+                        "adding to and replacing its rows")
     p.add_argument("--hub-org", default=None, help="Hub organisation of the staged repositories (default lcnn-timm)")
     p.add_argument("--push", action="store_true", help="upload the staged repositories (needs a Hugging Face token)")
     p.add_argument("--eval-count", type=int, help="test images for clean accuracy (default: the whole split)")
@@ -125,6 +149,14 @@ def _evaluation_complete(path: Path) -> bool:
     return set(EVAL_METRICS) <= set(json.loads(path.read_text()).get("metrics", {}))
 
 
+def _check_step(code: int, step: str) -> None:
+    """Raise if a train or evaluate step did not finish: :class:`ReproduceInterrupted` if a signal stopped it."""
+    if code in _SIGNAL_EXITS:
+        raise ReproduceInterrupted(f"{step} was interrupted", code)
+    if code != 0:
+        raise RuntimeError(f"{step} failed (see the message above); fix it and run the same command again to resume")
+
+
 def _run_row(row: Row, zoo: Zoo, args: argparse.Namespace, results_dir: Path) -> Dict[str, Any]:
     from .evaluation.cli import main as evaluate_main
     from .train.cli import main as train_main
@@ -137,8 +169,7 @@ def _run_row(row: Row, zoo: Zoo, args: argparse.Namespace, results_dir: Path) ->
     run_dir = output_dir(cfg)
     if not (run_dir / "final_eval.json").is_file():
         print(f"[{row.key}] training {config} -> {run_dir}", flush=True)
-        if train_main(train_argv) != 0:
-            raise RuntimeError(f"training {config} failed; fix it and run the same command again to resume")
+        _check_step(train_main(train_argv), f"training {config}")
     else:
         print(f"[{row.key}] already trained: {run_dir}", flush=True)
 
@@ -160,8 +191,7 @@ def _run_row(row: Row, zoo: Zoo, args: argparse.Namespace, results_dir: Path) ->
             eval_argv += ["--count", str(args.eval_count)]
         if args.device:
             eval_argv += ["--device", args.device]
-        if evaluate_main(eval_argv) != 0:
-            raise RuntimeError(f"evaluating {row.key} failed (see the message above)")
+        _check_step(evaluate_main(eval_argv), f"evaluating {row.key}")
     shutil.copyfile(config, results_dir / row.key / "train.yaml")
     summary = {"row": row.key, "label": row.label, "model": cfg.model, "config": str(config),
                "train_seconds": training_seconds(run_dir), "epochs": cfg.epochs,
@@ -177,7 +207,7 @@ def _stage(row: Row, zoo: Zoo, cfg: Any, run_dir: Path, results: Path, config: P
 
     name = f"{cfg.model}.{zoo.tag}{row.tag_suffix}"
     repo_id = f"{args.hub_org or HUB_ORG}/{name}"
-    folder = Path(args.hub_cards_dir) / name
+    folder = _output_dirs(args, zoo)[1] / name
     print(f"[{row.key}] staging {folder}" + (f" and pushing {repo_id}" if args.push else ""), flush=True)
     push_checkpoint(run_dir / "model.safetensors", name, repo_id, results=results, train_config=config,
                     out_dir=folder, dry_run=not args.push, **_model_kwargs(cfg))
@@ -225,6 +255,14 @@ def _earlier_rows(results_dir: Path, zoo: Zoo) -> Dict[str, Dict[str, Any]]:
     return {s["row"]: s for s in earlier.get("rows", []) if (results_dir / s["results"]).is_file()}
 
 
+def _output_dirs(args: argparse.Namespace, zoo: Zoo) -> Tuple[Path, Path]:
+    """The results folder and the folder the Hub repositories are staged in: ``--results-dir`` and
+    ``--hub-cards-dir``, else under output/ (the checked-in hub_cards/ with ``--publish``)."""
+    hub_cards = Path(args.hub_cards_dir or (PUBLISHED_HUB_CARDS if args.publish else DEFAULT_OUTPUT / "hub_cards"))
+    results = PUBLISHED_HUB_CARDS / "results" if args.publish else DEFAULT_OUTPUT
+    return Path(args.results_dir or results / zoo.name), hub_cards
+
+
 def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Run the requested rows, then write table.md, summary.json and the figure; returns the row summaries."""
     from .evaluation.plots import curvature_robustness_figure
@@ -244,7 +282,7 @@ def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
         from .hub import resolve_token
 
         resolve_token()
-    results_dir = Path(args.results_dir or Path(args.hub_cards_dir) / "results" / zoo.name)
+    results_dir = _output_dirs(args, zoo)[0]
     run = {key: _run_row(known[key], zoo, args, results_dir) for key in keys}
     # rows run earlier into the same folder stay in the table: running a subset (e.g. --rows relu,convert) adds to it
     merged = {**_earlier_rows(results_dir, zoo), **run}
@@ -259,10 +297,18 @@ def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    resume = f"resume with:\n  {shlex.join(['lcnn-timm', 'reproduce', *argv])}"
     try:
         reproduce(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"lcnn-timm reproduce: error: {e}", file=sys.stderr)
         return 2
+    except ReproduceInterrupted as e:
+        print(f"lcnn-timm reproduce: {e}; every finished step is kept; {resume}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # between steps, or before a step's own handler was installed
+        print(f"lcnn-timm reproduce: interrupted; every finished step is kept; {resume}", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0

@@ -17,6 +17,8 @@ from typing import List, Optional
 
 __all__ = ["COMMANDS", "main", "regenerate_help", "render_help"]
 
+# exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it
+INTERRUPTED = 130
 # sub-command -> (module with ``main(argv) -> int``, one-line help)
 COMMANDS = {
     "train": ("lcnn_timm.train.cli", "train a model from a timm-format YAML config"),
@@ -69,7 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if problem:  # a missing input or an unwritable output, said before torch is imported
             print(f"lcnn-timm {command}: {problem}", file=sys.stderr)
             return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+    except KeyboardInterrupt:  # importing torch takes seconds: a Ctrl-C there needs no traceback either
+        print(f"lcnn-timm {command}: interrupted before it started; nothing was written", file=sys.stderr)
+        return INTERRUPTED
     return int(module.main(rest) or 0)
 
 

@@ -94,3 +94,23 @@ def test_push_dry_run_needs_no_repo_id(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a real push still needs it
         push_main([str(checkpoint), "--model", "lcnn_resnet18_025", *shape])
     assert "--repo-id ORG/REPO is required" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(monkeypatch, capsys):
+    """A Ctrl-C during the seconds of ``import torch`` printed a KeyboardInterrupt traceback."""
+    import lcnn_timm_cli
+
+    real = lcnn_timm_cli.importlib.import_module
+
+    def interrupted_import(name):
+        if name == "lcnn_timm.evaluation.cli":
+            raise KeyboardInterrupt
+        return real(name)
+
+    monkeypatch.setattr(lcnn_timm_cli.importlib, "import_module", interrupted_import)
+    try:
+        code = lcnn_timm_cli.main(["evaluate", "lcnn_resnet18", "--dataset", "synthetic", "--out", "/tmp/unused.json"])
+    except KeyboardInterrupt:
+        code = None
+    assert code == 130
+    assert capsys.readouterr().err == "lcnn-timm evaluate: interrupted before it started; nothing was written\n"

@@ -1,6 +1,7 @@
 """Publishing to the Hub, fully offline: push --dry-run, loading through a hand-built Hugging Face cache,
 a mocked upload (the only thing mocked), clear errors for broken repositories, cards equal to results.json."""
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -149,6 +150,10 @@ def _output(model, x):
 def test_dry_run_writes_timm_layout(trained):
     repo = trained['repo']
     assert sorted(p.name for p in repo.iterdir()) == FILES
+    # every file readable as a new file is (model.safetensors was 0600, the others 0644)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in repo.iterdir()} == dict.fromkeys(FILES, 0o666 & ~umask)
     cfg = json.loads((repo / 'config.json').read_text())
     assert cfg['architecture'] == 'hubtest_tiny_lcnn'
     assert cfg['num_classes'] == 3 and cfg['label_names'] == LABELS
@@ -537,3 +542,22 @@ def test_a_batchnorm_free_lcnn_is_carded_as_one():
     assert 'a low-curvature `lcnn_lipcnn`' in card and 'without BatchNorm' in card and 'baseline' not in card
     baseline = json.loads((HUB_CARDS / 'lcnn_resnet18_025.fmnist' / 'config.json').read_text())
     assert baseline['lcnn_timm']['lcnn'] is True  # betas and gamma-BN: unchanged
+
+
+@pytest.mark.parametrize('version, estimator', [(1, 'power iteration'), (2, 'Lanczos')])
+def test_the_limitations_name_the_estimator_that_measured_the_curvature(version, estimator):
+    """Every card said 'power iteration'; the evaluator has used Lanczos since schema 2."""
+    from lcnn_timm.hub.card import render_card
+
+    card = render_card(repo_id=REPO_ID, architecture='hubtest_tiny_lcnn', num_classes=3, input_size=[1, 8, 8],
+                       results={**_results(), 'schema_version': version})
+    assert f'empirical estimates on the stated examples ({estimator} and PGD)' in card
+
+
+def test_docs_give_push_s_exit_status_for_an_unusable_checkpoint(tmp_path, capsys):
+    """docs/hub.md said 1; push exits 2 for a checkpoint it cannot use, as train and evaluate."""
+    rc = push_main([str(tmp_path / 'missing.safetensors'), '--model', 'hubtest_tiny_lcnn', '--repo-id', REPO_ID,
+                    '--dry-run', '--out', str(tmp_path / 'out')])
+    assert 'does not exist' in capsys.readouterr().err
+    docs = (Path(__file__).resolve().parents[1] / 'docs' / 'hub.md').read_text(encoding='utf-8')
+    assert f'prints `lcnn-timm push: error: ...` with exit status {rc},' in docs

@@ -236,6 +236,24 @@ def test_unwritable_output_is_refused_before_any_work(idx_dir, read_only_dir):
     assert not any(read_only_dir.iterdir())
 
 
+def test_full_disk_at_the_first_checkpoint_does_not_say_resume(idx_dir, tmp_path, monkeypatch):
+    """It said both 'no earlier checkpoint exists' and 'resume with --resume' (which then refuses: nothing to
+    resume)."""
+    import errno
+
+    from lcnn_timm.train import trainer as trainer_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", full_disk)
+    trainer = trainer_module.Trainer(load_config(None, parse_overrides(_args(idx_dir, tmp_path / "run"))))
+    with pytest.raises(trainer_module.CheckpointWriteError) as raised:
+        trainer.save()
+    message = str(raised.value)
+    assert "No space left on device; no earlier checkpoint exists" in message and "--resume" not in message
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(idx_dir, tmp_path):
     """A real full file system (a 1 MiB tmpfs filled up after the first checkpoint): the second save fails with a
     message saying what happened, no temp file is left, and the first checkpoint still loads."""

@@ -1,6 +1,7 @@
 """``lcnn-timm reproduce`` end to end on a tiny synthetic dataset in CIFAR-100's Parquet layout."""
 import io
 import json
+import shlex
 from pathlib import Path
 
 import huggingface_hub
@@ -11,7 +12,7 @@ import timm
 import torch
 
 from lcnn_timm.cli import main as lcnn_main
-from lcnn_timm.zoo import ROWS
+from lcnn_timm.zoo import ROWS, ZOOS
 
 PAPER_ROWS = [row for row in ROWS if row.paper]  # what reproduce runs by default
 
@@ -135,3 +136,44 @@ def test_a_subset_of_rows_adds_to_the_earlier_table(reproduce_args):
     assert [row["row"] for row in summary["rows"]] == ["standard", "lcnn"]  # in the table's order
     table = (tmp_path / "results" / "table.md").read_text()
     assert "| Standard |" in table and "| LCNN |" in table
+
+
+def test_by_default_nothing_is_written_into_the_checked_in_hub_cards(reproduce_args, monkeypatch):
+    """The defaults wrote into hub_cards/results/<zoo> and hub_cards/, mixing a new run's rows with the published
+    ones; that now takes --publish."""
+    tmp_path, argv = reproduce_args
+    argv = argv[:argv.index("--results-dir")] + argv[argv.index("--hub-cards-dir") + 2:]
+    monkeypatch.chdir(tmp_path)
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    assert lcnn_main([*argv, "--configs-dir", configs, "--rows", "lcnn"]) == 0
+    assert (tmp_path / "output" / "reproduce" / "cifar100" / "lcnn" / "results.json").is_file()
+    assert (tmp_path / "output" / "reproduce" / "hub_cards" / "lcnn_resnet18.cifar100" / "model.safetensors").is_file()
+    assert not (tmp_path / "hub_cards").exists()
+    # --publish names the checked-in folders (a second real run would cost another evaluation)
+    from lcnn_timm.zoo import _output_dirs, _parser
+
+    publish = _parser().parse_args(["--publish"])
+    assert _output_dirs(publish, ZOOS["cifar100"]) == (Path("hub_cards/results/cifar100"), Path("hub_cards"))
+
+
+@pytest.mark.parametrize("stop", ["train returns 130", "KeyboardInterrupt"])
+def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(reproduce_args, monkeypatch, capsys, stop):
+    """Ctrl-C was reported as 'training ... failed; fix it', exit 2. The trainer saves a checkpoint and returns 130;
+    a Ctrl-C outside its handler reaches reproduce as KeyboardInterrupt."""
+    import lcnn_timm.train.cli
+
+    tmp_path, argv = reproduce_args
+
+    def interrupted_training(train_argv):
+        if stop == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        return 130
+
+    monkeypatch.setattr(lcnn_timm.train.cli, "main", interrupted_training)
+    try:
+        code = lcnn_main([*argv, "--rows", "lcnn"])
+    except KeyboardInterrupt:
+        code = None
+    err = capsys.readouterr().err
+    assert code == 130 and "failed" not in err
+    assert err.endswith(f"resume with:\n  {shlex.join(['lcnn-timm', *argv, '--rows', 'lcnn'])}\n")

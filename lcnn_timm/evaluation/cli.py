@@ -1,6 +1,7 @@
 """``lcnn-timm evaluate``: accuracy, curvature, PGD and gradient stability of one model -> results.json."""
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,7 +18,16 @@ from .model import NormalizedModel, create_eval_model, file_sha256
 from .plots import curvature_histogram
 from .results import SCHEMA_VERSION, curvature_protocol, environment, new_results, write_per_example, write_results
 
-__all__ = ["main"]
+__all__ = ["ZOO_COSTLY_COUNT", "main"]
+
+# images the zoo's curvature, PGD and certified numbers are measured on (docs/zoo.md): the default of --costly-count
+ZOO_COSTLY_COUNT = 1000
+# exit status of a run stopped by Ctrl-C, as a shell reports a process killed by SIGINT
+INTERRUPTED = 128 + signal.SIGINT
+
+
+class EvaluationInterrupted(Exception):
+    """Ctrl-C stopped the metrics; the message names the metric under way and those results.json holds."""
 
 
 def _floats(text: str) -> Tuple[float, ...]:
@@ -56,9 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--count", type=int, help="evaluate the first N examples")
     size.add_argument("--fraction", type=float, help="evaluate the first fraction F of the examples")
-    p.add_argument("--costly-count", type=int, metavar="N",
-                   help="run curvature, PGD, AutoAttack and gradient stability on only the first N of the selected "
-                        "examples (clean accuracy still uses all of them)")
+    costly = p.add_mutually_exclusive_group()
+    costly.add_argument("--costly-count", type=int, default=ZOO_COSTLY_COUNT, metavar="N",
+                        help="run curvature, PGD, certified, AutoAttack and gradient stability on only the first N of "
+                             f"the selected examples (default {ZOO_COSTLY_COUNT}, the zoo's protocol; clean accuracy "
+                             "still uses all of them)")
+    costly.add_argument("--costly-all", dest="costly_count", action="store_const", const=None,
+                        help="run the costly metrics on every selected example (on a CPU, curvature alone can take "
+                             "over half an hour on a 10k-image test split)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from: {', '.join(METRICS)} (default: {','.join(DEFAULT_METRICS)})")
     p.add_argument("--out", required=True, help="results.json path (the histogram PNG goes beside it)")
@@ -183,18 +198,30 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         noise_samples=args.noise_samples, progress=not args.no_progress,
     )
     results = new_results(_model_info(args, model, kwargs), data.info, environment(device), args.seed)
-    for name in metric_names:
-        torch.manual_seed(args.seed)
-        results["metrics"][name] = run_metric(name, model, data if name == "accuracy" else costly_data, opts)
-        if name == "curvature" and opts.per_example_curvature is not None:
-            stem = os.path.splitext(args.out)[0]
-            curvature_histogram(opts.per_example_curvature, stem + "_curvature_hist.png", f"{args.model} on "
-                                f"{data.info['name']}:{data.info['split']}, {costly_data.count} images")
-            write_per_example(stem + "_curvature.json", opts.per_example_curvature)
-            results["metrics"]["curvature"]["histogram"] = os.path.basename(stem + "_curvature_hist.png")
-            results["metrics"]["curvature"]["per_example"] = os.path.basename(stem + "_curvature.json")
-        write_results(args.out, results)  # after every metric: an interrupted run keeps what it measured
+    try:
+        for name in metric_names:
+            _run_and_write(name, args, model, data, costly_data, opts, results)
+    except KeyboardInterrupt:
+        kept = (f"{args.out} holds the finished metric(s): {', '.join(results['metrics'])}" if results["metrics"]
+                else "no metric finished, nothing was written")
+        raise EvaluationInterrupted(f"interrupted during {name}; {kept}") from None
     return results
+
+
+def _run_and_write(name: str, args: argparse.Namespace, model: NormalizedModel, data: EvalData,
+                   costly_data: EvalData, opts: MetricOptions, results: Dict[str, Any]) -> None:
+    """Measure one metric into ``results`` and rewrite results.json, so an interrupted run keeps what it measured."""
+    torch.manual_seed(args.seed)
+    metric = run_metric(name, model, data if name == "accuracy" else costly_data, opts)
+    if name == "curvature" and opts.per_example_curvature is not None:
+        stem = os.path.splitext(args.out)[0]
+        curvature_histogram(opts.per_example_curvature, stem + "_curvature_hist.png", f"{args.model} on "
+                            f"{data.info['name']}:{data.info['split']}, {costly_data.count} images")
+        write_per_example(stem + "_curvature.json", opts.per_example_curvature)
+        metric["histogram"] = os.path.basename(stem + "_curvature_hist.png")
+        metric["per_example"] = os.path.basename(stem + "_curvature.json")
+    results["metrics"][name] = metric  # only a finished metric: an interruption above leaves results as they were
+    write_results(args.out, results)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -204,6 +231,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"lcnn-timm evaluate: error: {e}", file=sys.stderr)
         return 2
+    except EvaluationInterrupted as e:
+        print(f"lcnn-timm evaluate: {e}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:  # while the model or the data loaded
+        print("lcnn-timm evaluate: interrupted before any metric started; nothing was written", file=sys.stderr)
+        return INTERRUPTED
     print(_table(_rows(results["metrics"])))
     print(f"wrote {args.out}")
     return 0

@@ -66,8 +66,11 @@ def load_checkpoint_strict(model: nn.Module, path: str) -> None:
         raise ValueError(f"could not read checkpoint {path!r} (expected .safetensors, .pth or .pt): {e}") from e
     try:
         result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"checkpoint {path!r} does not match the model: {e}") from e
+    except RuntimeError as e:  # shape mismatches: torch's message has a line per tensor (~100 for another width)
+        from ..hub.push import check_state_dict
+
+        check_state_dict(model, state_dict, f"checkpoint {path!r}")  # one line, as lcnn-timm push says it
+        raise ValueError(f"checkpoint {path!r} does not match the model: {str(e).splitlines()[0]}") from e
     if result.missing_keys or result.unexpected_keys:
         problems = []
         if result.missing_keys:

@@ -130,6 +130,11 @@ def metrics_from_results(results: Dict[str, Any]) -> List[Metric]:
     return out
 
 
+def _curvature_estimator(results: Dict[str, Any]) -> str:
+    """The estimator of the card's ``||H||``: schema-1 results were measured by power iteration, later ones by Lanczos."""
+    return 'power iteration' if results and check_schema_version(results) == 1 else 'Lanczos'
+
+
 def _front_matter(model_name: str, metrics: List[Metric], ds: Dict[str, str], license: str) -> str:
     meta: Dict[str, Any] = {
         'library_name': 'timm',
@@ -205,6 +210,7 @@ def render_card(
              f'weights in eval mode: {curvature_proxy:.4g}.') if curvature_proxy is not None else '',
         ])),
         'train_recipe': recipe,
+        'curvature_estimator': _curvature_estimator(results),
     }
     return string.Template(Path(template).read_text(encoding='utf-8')).substitute(fields)
 

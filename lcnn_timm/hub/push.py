@@ -20,6 +20,7 @@ from timm.models import load_state_dict, parse_model_name, save_for_hf
 from ..curvature import UnsupportedStructureError, curvature_proxy
 from ..curvature.penalty import lcnn_parameters
 from ..layers.spectral_norm import canonical_weight_keys
+from ..train.checkpoint import default_file_mode
 from .card import CARD_META_KEY, render_card_for_folder
 
 __all__ = [
@@ -192,6 +193,7 @@ def write_repo_folder(
         names = sorted(p.name for p in tmp.iterdir())
         stale = {RESULTS_NAME, TRAIN_CONFIG_NAME} - set(names)
         for name in names:
+            os.chmod(tmp / name, default_file_mode())  # safetensors creates model.safetensors 0600, the rest 0644
             os.replace(tmp / name, out_dir / name)
     for name in stale:  # a re-push without --results / --config must not publish the previous run's files
         (out_dir / name).unlink(missing_ok=True)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .paths import POINTER, checkpoint_candidates, checkpoint_stem, unwritable_reason  # re-exported
 
-__all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "describe_mismatch", "load_checkpoint",
-           "save_checkpoint", "save_weights", "unwritable_reason"]
+__all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "default_file_mode", "describe_mismatch",
+           "load_checkpoint", "save_checkpoint", "save_weights", "unwritable_reason"]
 
 
 
@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or truncated."""
 
 
-def _default_file_mode() -> int:
+def default_file_mode() -> int:
     """0o666 less the process umask: the mode ``open()`` gives a new file (safetensors and mkstemp use 0o600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -40,7 +40,7 @@ def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
-        os.chmod(tmp, _default_file_mode())
+        os.chmod(tmp, default_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -294,12 +294,15 @@ class Trainer:
                 self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state(),
                                                        previous=self.last_checkpoint)
             except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-                kept = f"the previous one, {self.last_checkpoint}, is intact" if self.last_checkpoint else \
-                    "no earlier checkpoint exists"
+                if self.last_checkpoint:
+                    kept = (f"the previous one, {self.last_checkpoint}, is intact. Free space (or fix the folder) "
+                            "and resume with --resume")
+                else:  # nothing to resume: --resume would refuse
+                    kept = ("no earlier checkpoint exists. Free space (or fix the folder) and run the same command "
+                            "again: it starts from the beginning")
                 reason = getattr(error, "strerror", None) or str(error).rpartition("I/O error: ")[2] or str(error)
                 raise CheckpointWriteError(
-                    f"could not write the checkpoint of step {self.step} in {self.out_dir}: "
-                    f"{reason}; {kept}. Free space (or fix the folder) and resume with --resume"
+                    f"could not write the checkpoint of step {self.step} in {self.out_dir}: {reason}; {kept}"
                 ) from None
         self.last_save_time = time.monotonic()
         if self.world_size > 1:
