@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,4 +125,46 @@ def test_ctrl_c_under_torchrun_stops_once_and_prints_the_torchrun_command_that_r
     resumed = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr
+    assert_same_final_weights(ddp_run[0], out)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_checkpoint_and_resume(ddp_run, tiny_config, idx_dir, tmp_path):  # noqa: F811
+    """Issue 31, item 4: two local "nodes" (one launcher each, c10d rendezvous) are stopped by Ctrl-C, each resumed
+    with the command rank 0 printed, and end with the weights of two processes on one node."""
+    out = tmp_path / "run"
+    args = ["--config", tiny_config, *_args(idx_dir, out, "--recovery-interval", "0")]
+    launcher = ("lcnn_timm.launch", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                f"127.0.0.1:{_free_port()}", "--rdzv_id", "issue31")
+    path = os.pathsep.join(filter(None, [str(RUNNER.parents[1]), os.environ.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", *launcher, "--nproc_per_node", "1", str(RUNNER), "--cli", *args]
+
+    def node(extra=(), **kwargs):
+        return subprocess.Popen([*command, *extra], env={**os.environ, "PYTHONPATH": path, **kwargs.pop("env", {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+    nodes = [node(env={"LCNN_TEST_STEP_DELAY": "0.3"}, start_new_session=True) for _ in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "last.json").is_file():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for proc in nodes:
+        os.killpg(proc.pid, signal.SIGINT)
+    outputs = [proc.communicate(timeout=120)[0] for proc in nodes]
+    assert [proc.returncode for proc in nodes] == [130, 130], outputs
+    text = "".join(outputs)
+    assert "Traceback" not in text and text.count("lcnn-timm train: interrupted by SIGINT") == 1, text
+    printed = text.split("resume with (the same command on each of the 2 nodes):\n")[1].splitlines()[0]
+    assert shlex.split(printed) == [*command, "--resume"], printed
+    layout = json.loads((out / "config.json").read_text())["layout"]
+    assert layout["world_size"] == layout["nnodes"] == 2 and layout["per_process_batch"] == 8
+    resumed = [node(["--resume"]) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in resumed]
+    assert [proc.returncode for proc in resumed] == [0, 0] and "resumed from" in "".join(outputs), outputs
     assert_same_final_weights(ddp_run[0], out)

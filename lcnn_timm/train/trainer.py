@@ -129,9 +129,9 @@ class Trainer:
         self.out_dir = output_dir(cfg)
         problem, self.lock = (None, lock) if lock is not None else preflight(cfg, self.primary)
         if self._any_rank(problem is not None):  # rank 0 alone locks and writes: if a rank cannot start, none does
-            raise TrainSetupError(f"rank {self.rank}: {problem}" if problem and not self.primary else
-                                  problem or "another rank could not start the run (it says why)",
-                                  local=problem is not None and not self.primary)
+            if problem is None:
+                raise TrainSetupError("another rank could not start the run (it says why)")
+            raise TrainSetupError(problem if self.primary else f"rank {self.rank}: {problem}", local=not self.primary)
         try:
             self._set_up()
         except BaseException:
@@ -170,8 +170,8 @@ class Trainer:
     def _layout(self, state: Optional[dict]) -> Layout:
         """This launch's layout: the global batch (the checkpoint's when resuming) split over its processes.
 
-        A resumed run at another world size is refused unless ``allow_world_size_change``; any change of world size
-        or threads is printed and kept in ``layout_history``."""
+        A resumed run at another world size is refused unless ``allow_world_size_change``, which is then printed;
+        :meth:`_record_layout` keeps every change (thread counts too) in ``layout_history``."""
         saved = None
         if state is not None:  # checkpoints from before issue 31 record no layout: single-process runs
             saved = state.get("layout") or {"world_size": 1, "global_batch": state["config"]["batch_size"]}
