@@ -229,3 +229,21 @@ def test_a_held_run_folder_is_refused_before_torch_in_under_a_second(tmp_path):
     finally:
         holder.release()
     assert [p.name for p in out.iterdir()] == [".lock"]  # the refused runs wrote nothing
+
+
+def test_the_resume_command_under_torchrun_is_the_launch_as_typed(monkeypatch):
+    """Issue 31: the printed resume command was a single-process ``lcnn-timm train ... --resume`` under torchrun."""
+    from lcnn_timm.train.cli import _launch, _resume_command
+
+    argv = ["--config", "c.yaml", "--lr", "0.1"]
+    assert _resume_command(argv) == "lcnn-timm train --config c.yaml --lr 0.1 --resume"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    typed = ["--standalone", "--nproc_per_node", "2", "-m", "lcnn_timm.cli", "train"]
+    # the console script runs as "python /venv/bin/torchrun ...": given back as typed
+    assert _launch(argv, ["/venv/bin/python", "/venv/bin/torchrun", *typed, *argv]) == ["torchrun", *typed]
+    assert _launch(argv, ["/venv/bin/python", "-m", "lcnn_timm.launch", *typed, *argv]) == [
+        "/venv/bin/python", "-m", "lcnn_timm.launch", *typed]
+    assert _launch(argv, ["srun", "something"]) == [  # a launcher line that does not end with this command's
+        "torchrun", "--nnodes", "2", "--nproc_per_node", "4", "-m", "lcnn_timm.cli", "train"]

@@ -70,16 +70,21 @@ def _primary() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _launch(argv: List[str]) -> List[str]:
-    """How this process was started, up to ``argv``: ``lcnn-timm train``, or under torchrun the launcher's command
-    line (``torchrun --nproc_per_node 2 -m lcnn_timm.cli train``), read from its /proc entry; where that cannot be
-    read, a torchrun command with this launch's node and process counts."""
+def _launcher() -> List[str]:
+    """The command line of this process's parent (torchrun's, under torchrun), or [] where it cannot be read."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _launch(argv: List[str], launcher: Optional[List[str]] = None) -> List[str]:
+    """How this process was started, up to ``argv``: ``lcnn-timm train``, or under torchrun the ``launcher``'s
+    command line (default :func:`_launcher`: ``torchrun --nproc_per_node 2 -m lcnn_timm.cli train``); where that does
+    not end with ``argv``, a torchrun command with this launch's node and process counts."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return ["lcnn-timm", "train"]
-    try:
-        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
-    except OSError:
-        launcher = []
+    launcher = _launcher() if launcher is None else launcher
     if argv and launcher[len(launcher) - len(argv):] == argv:
         launch = launcher[:len(launcher) - len(argv)]
         # the torchrun script runs as "python .../bin/torchrun": give it back as the user typed it
