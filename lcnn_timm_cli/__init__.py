@@ -57,10 +57,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"lcnn-timm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    lock = None
     if command == "train":
-        code, _ = _torch_free("cli").prepare(rest)
-        if code is not None:  # answered without torch: help, printed config, a usage or config error
+        code, prepared = _torch_free("cli").prepare(rest)
+        if code is not None:  # answered without torch: help, printed config, a usage, config or path error
             return code
+        lock = prepared[1]  # the run folder's, taken before torch: held by this process until training ends
     elif any(arg in ("-h", "--help") for arg in rest):
         from ._help import HELP  # generated from the real parsers; a test fails when it is stale
 
@@ -76,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # importing torch takes seconds: a Ctrl-C there needs no traceback either
         print(f"lcnn-timm {command}: interrupted before it started; nothing was written", file=sys.stderr)
         return INTERRUPTED
-    return int(module.main(rest) or 0)
+    return int((module.main(rest, lock=lock) if lock is not None else module.main(rest)) or 0)
 
 
 _STAND_IN = "lcnn_timm_cli._front"

@@ -97,3 +97,21 @@ def test_loader_is_deterministic_resumable_and_sharded():
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed))
     shards = [torch.cat([y for _, y in batches(rank, 2)]) for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 5 and set(torch.cat(shards).tolist()) == set(range(10))
+
+
+def test_ranks_split_each_global_batch_as_one_process_trains_it():
+    """Issue 31: a rank's batch is its part of the single-process batch of that step, crops and flips included."""
+    images = torch.randint(0, 256, (10, 1, 6, 6), dtype=torch.uint8)
+    labels = torch.arange(10)
+
+    def batches(per_rank, rank=0, world=1):
+        loader = TensorLoader(images, labels, per_rank, train=True, seed=5, padding=2, rank=rank, world_size=world)
+        loader.set_epoch(1)
+        return list(loader)
+
+    one = batches(4)  # global batches of 4, 4 and 2
+    two = [batches(2, rank, 2) for rank in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 3
+    for step, (images_one, labels_one) in enumerate(one):
+        assert torch.equal(torch.cat([two[0][step][1], two[1][step][1]]), labels_one)
+        assert torch.equal(torch.cat([two[0][step][0], two[1][step][0]]), images_one)

@@ -200,3 +200,50 @@ def test_initial_checkpoint_in_the_output_folder_follows_an_output_override(tmp_
     assert load_config(str(path), {"output": "/runs"}).initial_checkpoint == "/runs/source/model.safetensors"
     pinned = load_config(str(path), {"output": "/runs", "initial_checkpoint": "/w.pth"})
     assert pinned.initial_checkpoint == "/w.pth"
+
+
+def test_a_held_run_folder_is_refused_before_torch_in_under_a_second(tmp_path):
+    """Issue 31: the lock was taken after torch, the data and the precision probe (a second run into a held folder
+    was refused after 134-140 s), and ``--resume`` against a held folder said "nothing to resume"."""
+    import os
+    import subprocess
+    import sys
+
+    from lcnn_timm.train.run_lock import RunLock
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "fashion_mnist_quick"  # the config's experiment, inside --output
+    holder = RunLock(out)
+    holder.acquire()  # this process plays the live run
+    try:
+        for extra in ([], ["--resume"]):
+            argv = ["train", "--config", "configs/fashion_mnist_quick.yaml", "--output", str(tmp_path), *extra]
+            check = ("import sys, time\nfrom lcnn_timm_cli import main\nstart = time.perf_counter()\n"
+                     f"code = main({argv!r})\nprint(f'refused after {{time.perf_counter() - start:.3f}} s')\n"
+                     "assert 'torch' not in sys.modules, 'torch imported'\nsys.exit(code)")
+            proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=root, timeout=60,
+                                  env={**os.environ, "PYTHONPATH": str(root)})
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 2 and f"is in use by another lcnn-timm train (pid {os.getpid()})" in output, output
+            assert float(output.split("refused after ")[1].split(" s")[0]) < 1.0, output
+    finally:
+        holder.release()
+    assert [p.name for p in out.iterdir()] == [".lock"]  # the refused runs wrote nothing
+
+
+def test_the_resume_command_under_torchrun_is_the_launch_as_typed(monkeypatch):
+    """Issue 31: the printed resume command was a single-process ``lcnn-timm train ... --resume`` under torchrun."""
+    from lcnn_timm.train.cli import _launch, _resume_command
+
+    argv = ["--config", "c.yaml", "--lr", "0.1"]
+    assert _resume_command(argv) == "lcnn-timm train --config c.yaml --lr 0.1 --resume"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    typed = ["--standalone", "--nproc_per_node", "2", "-m", "lcnn_timm.cli", "train"]
+    # the console script runs as "python /venv/bin/torchrun ...": given back as typed
+    assert _launch(argv, ["/venv/bin/python", "/venv/bin/torchrun", *typed, *argv]) == ["torchrun", *typed]
+    assert _launch(argv, ["/venv/bin/python", "-m", "lcnn_timm.launch", *typed, *argv]) == [
+        "/venv/bin/python", "-m", "lcnn_timm.launch", *typed]
+    assert _launch(argv, ["srun", "something"]) == [  # a launcher line that does not end with this command's
+        "torchrun", "--nnodes", "2", "--nproc_per_node", "4", "-m", "lcnn_timm.cli", "train"]

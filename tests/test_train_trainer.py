@@ -265,8 +265,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(idx_dir, tmp_path)
     if not _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)):
         pytest.skip("needs root to mount a tmpfs")
     try:
-        trainer = Trainer(load_config(None, parse_overrides(_args(idx_dir, disk / "run"))))
-        trainer.out_dir.mkdir(parents=True)
+        trainer = Trainer(load_config(None, parse_overrides(_args(idx_dir, disk / "run"))))  # locks: makes the folder
         trainer.save()
         first = trainer.last_checkpoint
         with open(disk / "filler", "wb") as filler:  # fill the file system to the last block

@@ -16,21 +16,25 @@ def random_crop_flip(
         padding: int = 4,
         hflip: float = 0.5,
         generator: Optional[torch.Generator] = None,
+        first: int = 0,
+        drawn: Optional[int] = None,
 ) -> torch.Tensor:
     """Pad ``images`` (B, C, H, W) by ``padding`` zeros, crop back to (H, W) at random offsets, flip with prob ``hflip``.
 
     Every example gets its own offsets and flip, drawn from ``generator``
     (which must live on ``images.device``). Works on any dtype; no copy of the
-    padded batch is kept.
+    padded batch is kept. ``drawn`` (default B) draws for that many examples and ``images`` takes the draws
+    ``first`` to ``first + B``: a DDP rank augments its slice of the global batch exactly as one process would.
     """
     batch, _, height, width = images.shape
     device = images.device
     if padding < 0 or not 0.0 <= hflip <= 1.0:
         raise ValueError(f"need padding >= 0 and 0 <= hflip <= 1, got padding={padding}, hflip={hflip}")
     padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images
-    offset_y = torch.randint(0, 2 * padding + 1, (batch, 1), device=device, generator=generator)
-    offset_x = torch.randint(0, 2 * padding + 1, (batch, 1), device=device, generator=generator)
-    flip = torch.rand(batch, 1, device=device, generator=generator) < hflip
+    drawn, mine = drawn or batch, slice(first, first + batch)
+    offset_y = torch.randint(0, 2 * padding + 1, (drawn, 1), device=device, generator=generator)[mine]
+    offset_x = torch.randint(0, 2 * padding + 1, (drawn, 1), device=device, generator=generator)[mine]
+    flip = (torch.rand(drawn, 1, device=device, generator=generator) < hflip)[mine]
     cols = torch.arange(width, device=device).expand(batch, width)
     cols = torch.where(flip, width - 1 - cols, cols) + offset_x
     rows = torch.arange(height, device=device).expand(batch, height) + offset_y

@@ -1,8 +1,11 @@
 """A loader over a dataset held as one uint8 tensor: deterministic, shardable, resumable.
 
 The shuffle order of an epoch depends only on ``(seed, epoch)`` and the
-augmentation of a batch only on ``(seed, epoch, rank, batch index)``, so
-resuming at any batch of any epoch replays exactly the same batches.
+augmentation of a batch only on ``(seed, epoch, batch index)``, so
+resuming at any batch of any epoch replays exactly the same batches. Under DDP the
+ranks split each global batch (``batch_size * world_size`` examples) of that one order
+and augment their parts with that one batch's draws: step ``s`` trains on the same
+augmented images at any world size.
 """
 import math
 from typing import Iterator, Optional, Sequence, Tuple
@@ -28,10 +31,11 @@ class TensorLoader:
 
     Args:
         train: shuffle every epoch and apply random crop (``padding``) + flip (``hflip``).
+        batch_size: examples per rank and batch (the global batch is ``batch_size * world_size``).
         rank, world_size: DDP sharding. Training: every rank gets ``ceil(N / world_size)``
             examples (the order is padded by wrapping around, like ``DistributedSampler``),
-            so all ranks run the same number of steps. Evaluation: ranks split the
-            examples exactly, without repeats.
+            so all ranks run the same number of steps; rank ``r`` takes the ``r``-th equal part
+            of each global batch. Evaluation: ranks split the examples exactly, without repeats.
         drop_last: drop the last incomplete batch (the paper keeps it).
     """
 
@@ -89,19 +93,33 @@ class TensorLoader:
             order = torch.randperm(count, generator=generator)
         else:
             order = torch.arange(count)
-        if self.train:
-            total = self.num_samples * self.world_size
-            order = torch.cat([order, order[: total - count]]) if total > count else order
-        return order[self.rank:: self.world_size].to(self.device)
+        if not self.train:
+            return order[self.rank:: self.world_size].to(self.device)
+        total = self.num_samples * self.world_size
+        return (torch.cat([order, order[: total - count]]) if total > count else order).to(self.device)
+
+    def _part(self, indices: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int, int]:
+        """This rank's indices of ``batch``, where they start in the global batch, and the global batch's size.
+
+        Training batches are cut from the whole (padded) order, ``batch_size * world_size`` at a time, and each
+        rank takes its equal part (global batches hold a multiple of ``world_size`` examples: the padding sees to
+        it); evaluation batches are cut from this rank's own share."""
+        if not self.train:
+            return indices[batch * self.batch_size: (batch + 1) * self.batch_size], 0, 0
+        size = self.batch_size * self.world_size
+        whole = indices[batch * size: (batch + 1) * size]
+        part = len(whole) // self.world_size
+        return whole[self.rank * part: (self.rank + 1) * part], self.rank * part, len(whole)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
         for batch in range(self.start_batch, len(self)):
-            index = indices[batch * self.batch_size: (batch + 1) * self.batch_size]
+            index, first, drawn = self._part(indices, batch)
             images = self.images[index]
             if self.train:
+                # seeded without the rank (rank 0's stream of old): every rank draws the whole global batch's crops
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(_mix(self.seed, self.epoch, self.rank, batch))
-                images = random_crop_flip(images, self.padding, self.hflip, generator)
+                generator.manual_seed(_mix(self.seed, self.epoch, 0, batch))
+                images = random_crop_flip(images, self.padding, self.hflip, generator, first=first, drawn=drawn)
             yield to_float(images, self.mean, self.std, self.channels_last), self.labels[index]
         self.start_batch = 0

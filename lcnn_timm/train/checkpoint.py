@@ -18,9 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .paths import POINTER, checkpoint_candidates, checkpoint_stem, unwritable_reason  # re-exported
 
-__all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "default_file_mode", "describe_mismatch",
-           "load_checkpoint", "save_checkpoint", "save_weights", "unwritable_reason"]
-
+__all__ = ["CheckpointError", "atomic_write_text", "checkpoint_candidates", "checkpoint_path", "default_file_mode",
+           "describe_mismatch", "load_checkpoint", "save_checkpoint", "save_weights", "unwritable_reason"]
 
 
 class CheckpointError(ValueError):
@@ -60,11 +59,16 @@ def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], metadata: Opti
     _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def checkpoint_path(directory: Path, step: int) -> Path:
+    """The weights file of checkpoint ``step`` in ``directory`` (its resume state sits beside it)."""
+    return Path(directory) / f"ckpt-{step:09d}.safetensors"
+
+
 def save_checkpoint(directory: Path, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
                     previous: Optional[Path] = None) -> Path:
     """Write checkpoint ``step`` into ``directory``, point ``last.json`` at it, delete older ones but ``previous``."""
     directory = Path(directory)
-    name = f"ckpt-{step:09d}"
+    name = checkpoint_stem(checkpoint_path(directory, step))
     save_weights(directory / f"{name}.safetensors", weights, metadata={"step": str(step)})
     _atomic(directory / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
     atomic_write_text(directory / POINTER, json.dumps({"checkpoint": name, "step": step}))

@@ -1,6 +1,7 @@
 """``lcnn-timm train --config configs/X.yaml [--key value ...]`` (launch with torchrun for DDP)."""
 import argparse
 import dataclasses
+import os
 import shlex
 import signal
 import sys
@@ -64,10 +65,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _primary() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that speaks for the run."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _launcher() -> List[str]:
+    """The command line of this process's parent (torchrun's, under torchrun), or [] where it cannot be read."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _launch(argv: List[str], launcher: Optional[List[str]] = None) -> List[str]:
+    """How this process was started, up to ``argv``: ``lcnn-timm train``, or under torchrun the ``launcher``'s
+    command line (default :func:`_launcher`: ``torchrun --nproc_per_node 2 -m lcnn_timm.cli train``); where that does
+    not end with ``argv``, a torchrun command with this launch's node and process counts."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return ["lcnn-timm", "train"]
+    launcher = _launcher() if launcher is None else launcher
+    if argv and launcher[len(launcher) - len(argv):] == argv:
+        launch = launcher[:len(launcher) - len(argv)]
+        # the torchrun script runs as "python .../bin/torchrun": give it back as the user typed it
+        return ["torchrun", *launch[2:]] if len(launch) > 1 and Path(launch[1]).name == "torchrun" else launch
+    return ["torchrun", "--nnodes", os.environ.get("GROUP_WORLD_SIZE", "1"), "--nproc_per_node",
+            os.environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "lcnn_timm.cli", "train"]
+
+
 def _resume_command(argv: List[str]) -> str:
-    """The command line that continues this run (torchrun launches are left to the user to repeat)."""
+    """The command line that continues this run: the same launch (torchrun's too), with ``--resume``."""
     has_resume = any(a == "--resume" or a.startswith("--resume=") for a in argv)
-    return shlex.join(["lcnn-timm", "train", *argv, *([] if has_resume else ["--resume"])])
+    return shlex.join([*_launch(argv), *argv, *([] if has_resume else ["--resume"])])
 
 
 def _print_outputs(out_dir: Path, result: dict) -> None:
@@ -83,13 +112,15 @@ def _print_outputs(out_dir: Path, result: dict) -> None:
     print(f"outputs in {out_dir}/: {', '.join(files)}")
 
 
-def prepare(argv: List[str]) -> Tuple[Optional[int], Any]:
+def prepare(argv: List[str], lock: Any = None) -> Tuple[Optional[int], Any]:
     """The torch-free part of the command: parse, answer ``--help`` / ``--print-config``, validate the config and
-    its paths (:func:`~lcnn_timm.train.paths.preflight`).
+    its paths and lock the run folder (rank 0; :func:`~lcnn_timm.train.paths.preflight`).
 
-    Returns ``(exit status, None)`` when the command is answered (help, printed config, a usage or config
-    error) and ``(None, config)`` when training should start. Needs only this module and ``config`` (stdlib and
-    yaml), so the ``lcnn-timm`` dispatcher runs it before importing torch (answers in well under a second).
+    Returns ``(exit status, None)`` when the command is answered (help, printed config, a usage, config or path
+    error, a folder another run holds) and ``(None, (config, lock))`` when training should start: ``lock`` (None
+    on ranks other than 0) is then held, for the trainer to take over. A ``lock`` passed in is the one an earlier
+    call took for this command (the dispatcher's): the folder is not locked again. Needs only the standard
+    library and yaml, so the ``lcnn-timm`` dispatcher runs it before importing torch (well under a second).
     """
     from .config import load_config, parse_overrides
 
@@ -116,38 +147,50 @@ def prepare(argv: List[str]) -> Tuple[Optional[int], Any]:
         return 0, None
     from .paths import preflight
 
-    problem = preflight(cfg)  # data folder, output folder, resume target: before torch, in well under a second
+    # output folder, its lock, data folder, resume target: before torch, in well under a second
+    problem, lock = (None, lock) if lock is not None else preflight(cfg, _primary())
     if problem:
         print(f"lcnn-timm train: {problem}", file=sys.stderr)
         return USAGE_ERROR, None
-    return None, cfg
+    return None, (cfg, lock)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _say(message: str, every_rank: bool = False) -> None:
+    """One line on stderr, from rank 0 only unless ``every_rank`` (under DDP the ranks fail alike)."""
+    if every_rank or _primary():
+        print(f"lcnn-timm train: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None, lock: Any = None) -> int:
+    """``lcnn-timm train``; ``lock``: the run folder's, taken by the dispatcher's torch-free :func:`prepare`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    code, cfg = prepare(argv)
+    code, prepared = prepare(argv, lock)
     if code is not None:
         return code
+    cfg, lock = prepared
     from .trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted, TrainSetupError, output_dir, train
 
     try:
-        result = train(cfg)
+        result = train(cfg, lock)
     except TrainSetupError as error:
-        print(f"lcnn-timm train: {error}", file=sys.stderr)
+        _say(str(error), every_rank=error.local)
         return USAGE_ERROR
     except NonFiniteLossError as error:
-        print(f"lcnn-timm train: {error}", file=sys.stderr)
+        _say(str(error))
         return NON_FINITE
-    except CheckpointWriteError as error:
-        print(f"lcnn-timm train: {error}", file=sys.stderr)
+    except CheckpointWriteError as error:  # rank 0 writes, so only rank 0 raises it
+        _say(str(error), every_rank=True)
         return WRITE_FAILED
     except TrainingInterrupted as error:
-        hint = f"; resume with:\n  {_resume_command(argv)}" if error.checkpoint else ""
-        print(f"lcnn-timm train: {error}{hint}", file=sys.stderr)
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        where = f" (the same command on each of the {nodes} nodes)" if nodes > 1 else ""
+        hint = f"; resume with{where}:\n  {_resume_command(argv)}" if error.checkpoint else ""
+        _say(f"{error}{hint}")
         return 128 + signal.Signals.__members__.get(error.signal_name, signal.SIGINT).value
     except KeyboardInterrupt:  # before training started: nothing was written
-        print("lcnn-timm train: interrupted before training started; nothing was written", file=sys.stderr)
+        _say("interrupted before training started; nothing was written")
         return 128 + signal.SIGINT
-    _print_outputs(output_dir(cfg), result)
+    if _primary():
+        _print_outputs(output_dir(cfg), result)
     return 0
 

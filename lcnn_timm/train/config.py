@@ -79,7 +79,8 @@ class TrainConfig:
     min_lr: float = 0.0
     smoothing: float = 0.0
     # batches, precision, devices
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch, split over the processes (lcnn_timm.train.layout)
+    batch_size_scope: str = "global"  # 'per_process': batch_size is each process's share (timm train.py's meaning)
     validation_batch_size: Optional[int] = None
     amp: Optional[bool] = None  # None ('auto'): bf16 where native and measured >= 10% faster, else fp32
     amp_dtype: str = "bfloat16"
@@ -92,6 +93,7 @@ class TrainConfig:
     output: str = ""
     experiment: str = ""
     resume: str = ""
+    allow_world_size_change: bool = False  # resume at another world size, keeping the checkpoint's global batch
     recovery_interval: Optional[int] = None  # None: every 10 min of training; N: every N steps; 0: epoch ends only
     val_interval: int = 1
     # LCNN keys
@@ -121,6 +123,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
+        if self.batch_size_scope not in ("global", "per_process"):
+            raise ValueError(f"batch_size_scope must be 'global' or 'per_process', got {self.batch_size_scope!r}")
         positive = dict(epochs=self.epochs, batch_size=self.batch_size, val_interval=self.val_interval)
         for key, value in positive.items():
             if value < 1:

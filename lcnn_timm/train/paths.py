@@ -6,10 +6,11 @@ torch (:func:`preflight`, called by :func:`lcnn_timm.train.cli.prepare`); the tr
 import json
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ..data.names import DEFAULT_FASHION_MNIST_DIR, resolve_dataset_name
 from .config import TrainConfig
+from .run_lock import RunFolderBusy, RunLock
 
 __all__ = ["POINTER", "checkpoint_candidates", "checkpoint_stem", "data_dir_problem", "output_dir", "output_file_reason",
            "preflight", "resume_folder", "resume_problem", "unwritable_reason"]
@@ -94,12 +95,34 @@ def resume_problem(cfg: TrainConfig) -> Optional[str]:
             "or run without --resume to start a new run")
 
 
-def preflight(cfg: TrainConfig) -> Optional[str]:
-    """The first path problem of a run (output folder, initial checkpoint, data folder, resume target), or None."""
-    problem = unwritable_reason(output_dir(cfg))
-    if problem:
-        return f"output folder {output_dir(cfg)}: {problem}; choose a writable output"
+def _inputs_problem(cfg: TrainConfig) -> Optional[str]:
+    """The first problem of what a run reads (initial checkpoint, data folder, resume target), or None."""
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         return (f"initial_checkpoint {cfg.initial_checkpoint} does not exist (a conversion row needs its source "
                 "model trained first, e.g. configs/fashion_mnist_relu.yaml)")
     return data_dir_problem(cfg) or resume_problem(cfg)
+
+
+def preflight(cfg: TrainConfig, primary: bool = True) -> Tuple[Optional[str], Optional[RunLock]]:
+    """``(the run's first path problem, None)``, or ``(None, the run folder's lock)`` held for the caller to train.
+
+    The writing process (``primary``: rank 0) checks the output folder, locks it, then checks what the run reads:
+    a folder another live run holds is refused as such, "nothing to resume" included, and before any heavy work
+    (``lcnn-timm train`` calls this before it imports torch). The other ranks check only the data folder
+    (their lock is None). A lock taken for a run refused afterwards is released, with a folder it created.
+    """
+    if not primary:
+        return data_dir_problem(cfg), None
+    problem = unwritable_reason(output_dir(cfg))
+    if problem:
+        return f"output folder {output_dir(cfg)}: {problem}; choose a writable output", None
+    lock = RunLock(output_dir(cfg))
+    try:
+        lock.acquire()
+    except RunFolderBusy as error:
+        return str(error), None
+    problem = _inputs_problem(cfg)
+    if problem:
+        lock.release(discard=True)
+        return problem, None
+    return None, lock

@@ -23,9 +23,11 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / ".lock"
         self._fd: Optional[int] = None
+        self.created = False  # whether acquire() made the folder (release(discard=True) then removes it)
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunFolderBusy` naming the process that holds it."""
+        self.created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -41,9 +43,15 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
-    def release(self) -> None:
-        """Free the lock (the file stays; an unlocked file means a free folder)."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+    def release(self, discard: bool = False) -> None:
+        """Free the lock (the file stays; an unlocked file means a free folder). ``discard``: a run refused before
+        it wrote anything leaves nothing behind, so a folder :meth:`acquire` created and that holds only the lock
+        file is removed (the file first, while still locked)."""
+        if self._fd is None:
+            return
+        if discard and self.created and [p.name for p in self.directory.iterdir()] == [self.path.name]:
+            self.path.unlink()
+            self.directory.rmdir()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None

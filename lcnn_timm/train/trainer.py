@@ -35,14 +35,16 @@ from ..certify.gamma_cap import cap_gamma
 from ..curvature.penalty import lcnn_parameters
 from ..data import TensorLoader, load_image_tensors, resolve_dataset_name
 from ..layers.spectral_norm import normalized_layer_norms, refresh_spectral_norms
-from .checkpoint import CheckpointError, atomic_write_text, describe_mismatch, load_checkpoint, save_checkpoint, save_weights
-from .paths import checkpoint_candidates, data_dir_problem, output_dir, preflight, resume_folder, resume_problem
+from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_path, describe_mismatch, load_checkpoint,
+                         save_checkpoint, save_weights)
+from .paths import checkpoint_candidates, output_dir, preflight, resume_folder, resume_problem
 from .certified_loss import LipschitzMarginLoss
 from .config import TrainConfig
+from .layout import Layout, global_batch, split_batch, world_change_problem
 from .metrics import MeanMeter, plot_metrics, read_metrics, write_metrics
 from .precision import PrecisionChoice, choose_precision, without_crashing_layout
 from .regularizers import frozen_state
-from .run_lock import RunFolderBusy, RunLock
+from .run_lock import RunLock
 from .task import AdversarialConfig, LCNNTask
 
 __all__ = ["CheckpointWriteError", "NonFiniteLossError", "TrainSetupError", "Trainer", "TrainingInterrupted", "param_groups", "train"]
@@ -58,7 +60,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainSetupError(ValueError):
-    """The run cannot start (data, model or checkpoint to resume); nothing has been written."""
+    """The run cannot start (data, model or checkpoint to resume); nothing has been written. ``local``: a problem
+    of this rank alone (its data folder), which it reports itself; the others are reported by rank 0."""
+
+    def __init__(self, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local
 
 
 class CheckpointWriteError(RuntimeError):
@@ -108,19 +115,40 @@ def _first_line(error: BaseException) -> str:
 
 
 class Trainer:
-    """One training run described by a :class:`TrainConfig` (see :func:`train`)."""
+    """One training run described by a :class:`TrainConfig` (see :func:`train`).
 
-    def __init__(self, cfg: TrainConfig):
+    Rank 0 holds the run folder's lock from here to the end of :meth:`fit`: ``lock``, taken by ``lcnn-timm train``
+    before it imported torch, or taken here (:func:`~lcnn_timm.train.paths.preflight`). The trainer releases it,
+    and on a failed set-up removes the folder if the lock created it and nothing else was written.
+    """
+
+    def __init__(self, cfg: TrainConfig, lock: Optional[RunLock] = None):
         self.cfg = cfg
         self.device, self.rank, self.world_size = _distributed_setup(cfg)
         self.primary = self.rank == 0
-        self.out_dir = output_dir(cfg)  # created by fit(): a run that cannot start leaves nothing behind
-        problem = preflight(cfg) if self.primary else data_dir_problem(cfg)
-        if problem:  # before the data, the model and the probe (lcnn-timm train checks this before torch too)
-            raise TrainSetupError(problem)
+        self.out_dir = output_dir(cfg)
+        problem, self.lock = (None, lock) if lock is not None else preflight(cfg, self.primary)
+        if self._any_rank(problem is not None):  # rank 0 alone locks and writes: if a rank cannot start, none does
+            if problem is None:
+                raise TrainSetupError("another rank could not start the run (it says why)")
+            raise TrainSetupError(problem if self.primary else f"rank {self.rank}: {problem}", local=not self.primary)
+        try:
+            self._set_up()
+        except BaseException:
+            self.release(discard=True)
+            raise
+
+    def release(self, discard: bool = False) -> None:
+        """Free the run folder (``discard``: and remove it if the lock created it and it holds nothing else)."""
+        if self.lock is not None:
+            self.lock.release(discard=discard)
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.channels_last = False  # until _set_precision
         found = self._find_checkpoint(cfg.resume) if cfg.resume else None  # before the data: errors come at once
+        self.layout = self._layout(found[2] if found else None)
         self._build_data()
         self._build_model(found[2].get("precision_choice") if found else None)
         self.meter = MeanMeter()
@@ -139,6 +167,38 @@ class Trainer:
             print(f"precision: {self.choice.reason}", flush=True)
 
     # ---------------------------------------------------------------- setup
+    def _layout(self, state: Optional[dict]) -> Layout:
+        """This launch's layout: the global batch (the checkpoint's when resuming) split over its processes.
+
+        A resumed run at another world size is refused unless ``allow_world_size_change``, which is then printed;
+        :meth:`_record_layout` keeps every change (thread counts too) in ``layout_history``."""
+        saved = None
+        if state is not None:  # checkpoints from before issue 31 record no layout: single-process runs
+            saved = state.get("layout") or {"world_size": 1, "global_batch": state["config"]["batch_size"]}
+            problem = world_change_problem(saved, self.world_size, self.cfg.allow_world_size_change)
+            if problem:
+                raise TrainSetupError(problem)
+        batch = saved["global_batch"] if saved else global_batch(self.cfg, self.world_size)
+        try:
+            per_process = split_batch(batch, self.world_size)
+        except ValueError as error:
+            raise TrainSetupError(str(error)) from None
+        nnodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's count of node agents
+        layout = Layout(self.world_size, nnodes, batch, per_process, torch.get_num_threads())
+        self.layout_history = list(state.get("layout_history", [])) if state else []
+        if self.primary:
+            print(layout.describe(), flush=True)
+        if saved and self.world_size != saved["world_size"] and self.primary:
+            print(f"resume: world size {saved['world_size']} -> {self.world_size} (allow_world_size_change); "
+                  f"global batch {batch} kept", flush=True)
+        return layout
+
+    def _record_layout(self) -> None:
+        """Add the layout to ``layout_history`` when it differs from the last entry's (a start or a changed resume)."""
+        entry = {"step": self.step, **self.layout.as_dict()}
+        if not self.layout_history or {**self.layout_history[-1], "step": self.step} != entry:
+            self.layout_history.append(entry)
+
     def _build_data(self) -> None:
         cfg = self.cfg
         if resolve_dataset_name(cfg.dataset) is None:
@@ -166,13 +226,13 @@ class Trainer:
             val_x, val_y = val_x[: cfg.val_num_samples], val_y[: cfg.val_num_samples]
         common = dict(device=self.device, mean=cfg.mean, std=cfg.std, rank=self.rank, world_size=self.world_size)
         self.train_loader = TensorLoader(
-            train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, hflip=0.0 if cfg.no_aug else cfg.hflip,
+            train_x, train_y, self.layout.per_process_batch, train=True, seed=cfg.seed, hflip=0.0 if cfg.no_aug else cfg.hflip,
             padding=0 if cfg.no_aug else cfg.crop_padding, **common)
         self.val_loader = self._eval_loader(val_x, val_y)
 
     def _eval_loader(self, images: torch.Tensor, labels: torch.Tensor) -> TensorLoader:
         cfg = self.cfg
-        return TensorLoader(images, labels, cfg.validation_batch_size or cfg.batch_size, train=False,
+        return TensorLoader(images, labels, cfg.validation_batch_size or self.layout.per_process_batch, train=False,
                             device=self.device, mean=cfg.mean, std=cfg.std, channels_last=self.channels_last,
                             rank=self.rank, world_size=self.world_size)
 
@@ -284,6 +344,7 @@ class Trainer:
             "meter": self.meter.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "config": vars(self.cfg), "precision_choice": self.choice.as_dict(),
+            "layout": self.layout.as_dict(), "layout_history": self.layout_history,
         }
 
     def save(self) -> None:
@@ -291,8 +352,7 @@ class Trainer:
         if self.primary:
             weights = unwrap_model(self.model).state_dict()
             try:
-                self.last_checkpoint = save_checkpoint(self.out_dir, self.step, weights, self._state(),
-                                                       previous=self.last_checkpoint)
+                save_checkpoint(self.out_dir, self.step, weights, self._state(), previous=self.last_checkpoint)
             except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
                 if self.last_checkpoint:
                     kept = (f"the previous one, {self.last_checkpoint}, is intact. Free space (or fix the folder) "
@@ -304,6 +364,7 @@ class Trainer:
                 raise CheckpointWriteError(
                     f"could not write the checkpoint of step {self.step} in {self.out_dir}: {reason}; {kept}"
                 ) from None
+        self.last_checkpoint = checkpoint_path(self.out_dir, self.step)  # every rank knows it: one message names it
         self.last_save_time = time.monotonic()
         if self.world_size > 1:
             dist.barrier()
@@ -493,6 +554,7 @@ class Trainer:
         row["epoch_seconds"] = self.epoch_seconds
         row["precision"] = self.precision or "float32"
         row["precision_choice"] = self.choice.as_dict()
+        row["layout"] = self.layout.as_dict()
         last = self.epoch + 1 == cfg.epochs
         if self.world_size > 1:  # ranks saw different batches: average their BN statistics (timm's dist_bn reduce)
             for ema in (False, True):
@@ -549,16 +611,21 @@ class Trainer:
     @contextlib.contextmanager
     def _signals_deferred(self) -> Iterator[None]:
         """SIGINT/SIGTERM set ``stop_signal`` (acted on after the current step) instead of killing the run; a second
-        one acts at once. Only the main thread can install handlers: elsewhere this does nothing."""
+        one acts at once, except under torchrun. Only the main thread can install handlers: elsewhere this does
+        nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         signals = (signal.SIGINT, signal.SIGTERM)
         previous = {sig: signal.getsignal(sig) for sig in signals}
+        launched = "TORCHELASTIC_RUN_ID" in os.environ
 
         def request_stop(signum, frame):
+            if self.stop_signal is not None:  # torchrun forwards a Ctrl-C its terminal already sent: one stop
+                return
             self.stop_signal = signal.Signals(signum).name
-            signal.signal(signum, previous[signum])
+            if not launched:  # under torchrun, stopping at once is its own job (SIGKILL after its shutdown timeout)
+                signal.signal(signum, previous[signum])
             if self.primary:
                 # a single process stops after the step under way (or the one just done); DDP ranks agree on the
                 # step at their next all-reduce, which may be one later
@@ -567,8 +634,8 @@ class Trainer:
                 else:
                     what = f"finishing step {self.running_step}" if self.running_step else \
                         f"stopping after step {self.step}"
-                print(f"\n{self.stop_signal}: {what} and saving a checkpoint "
-                      "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+                again = "" if launched else " (send it again to stop at once, without one)"
+                print(f"\n{self.stop_signal}: {what} and saving a checkpoint{again}", file=sys.stderr, flush=True)
 
         for sig in signals:
             signal.signal(sig, request_stop)
@@ -592,22 +659,17 @@ class Trainer:
         """Train to ``epochs``, evaluate clean test accuracy, write final weights and ``final_eval.json``.
 
         Raises :class:`TrainingInterrupted` after checkpointing on SIGINT/SIGTERM (or, on a second Ctrl-C,
-        at once with the last checkpoint written), and :class:`TrainSetupError` if another live run holds the
-        output folder (:class:`~lcnn_timm.train.run_lock.RunLock`).
+        at once with the last checkpoint written). Frees the run folder's lock however it ends.
         """
-        lock, busy = (RunLock(self.out_dir), None) if self.primary else (None, None)
-        if lock is not None:
-            try:
-                lock.acquire()
-            except RunFolderBusy as error:
-                busy = error
-        if self._any_rank(busy is not None):  # rank 0 writes: if it cannot lock, no rank trains
-            raise TrainSetupError(str(busy) if busy else "rank 0 could not lock the run folder")
         try:
+            self._record_layout()
+            if self.primary:  # the resolved config, this launch's layout and precision cell, from the start
+                atomic_write_text(self.out_dir / "config.json",
+                                  json.dumps({**vars(self.cfg), "layout": self.layout.as_dict(),
+                                              "precision_choice": self.choice.as_dict()}, indent=2))
             return self._fit_locked()
         finally:
-            if lock is not None:
-                lock.release()
+            self.release()
 
     def _fit_locked(self) -> Dict[str, float]:
         try:
@@ -633,7 +695,8 @@ class Trainer:
         full_val = self._eval_loader(*self.full_val)
         result = {"model": self.cfg.model, "dataset": self.cfg.dataset, "split": self.cfg.val_split,
                   "epochs": self.cfg.epochs, "test_images": len(full_val.images), "bn": self.bn_description(),
-                  "precision": self.precision or "float32", "precision_choice": self.choice.as_dict()}
+                  "precision": self.precision or "float32", "precision_choice": self.choice.as_dict(),
+                  "layout": self.layout.as_dict(), "layout_history": self.layout_history}
         result.update({f"test_{k}": v for k, v in self.evaluate(full_val).items()})
         if self.task.has_ema():
             result.update({f"test_ema_{k}": v for k, v in self.evaluate(full_val, ema=True).items()})
@@ -648,7 +711,6 @@ class Trainer:
                 save_weights(self.out_dir / "model_ema.safetensors",
                              unwrap_model(self.task.get_trainable_module(ema=True)).state_dict())
             atomic_write_text(self.out_dir / "final_eval.json", json.dumps(result, indent=2))
-            atomic_write_text(self.out_dir / "config.json", json.dumps(vars(self.cfg), indent=2))
             if self.cfg.plot:
                 plot_metrics(self.rows, self.out_dir, final=result)
         return result
@@ -664,9 +726,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
     return ", ".join(parts)
 
 
-def train(cfg: TrainConfig) -> Dict[str, float]:
-    """Run (or resume) a whole training run; returns the final clean test evaluation."""
-    trainer = Trainer(cfg)
+def train(cfg: TrainConfig, lock: Optional[RunLock] = None) -> Dict[str, float]:
+    """Run (or resume) a whole training run; returns the final clean test evaluation. ``lock``: the run folder's,
+    already held (rank 0 of ``lcnn-timm train``); the trainer takes it over."""
+    trainer = Trainer(cfg, lock)
     try:
         return trainer.fit()
     finally:
