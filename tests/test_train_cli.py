@@ -247,3 +247,19 @@ def test_the_resume_command_under_torchrun_is_the_launch_as_typed(monkeypatch):
         "/venv/bin/python", "-m", "lcnn_timm.launch", *typed]
     assert _launch(argv, ["srun", "something"]) == [  # a launcher line that does not end with this command's
         "torchrun", "--nnodes", "2", "--nproc_per_node", "4", "-m", "lcnn_timm.cli", "train"]
+
+
+def test_a_refused_run_leaves_no_folder_it_created_parents_included(tmp_path):
+    """A refused ``--output new/nested/run --resume`` left ``new/nested`` behind (the lock made the parents too): a
+    later ``reproduce --configs-dir new/nested`` then found the folder."""
+    from lcnn_timm.train.run_lock import RunLock
+
+    lock = RunLock(tmp_path / "new" / "nested" / "run")
+    lock.acquire()
+    lock.release(discard=True)
+    assert list(tmp_path.iterdir()) == []
+    kept = RunLock(tmp_path / "new" / "run")
+    kept.acquire()
+    (tmp_path / "new" / "other").mkdir()  # something else appeared beside it meanwhile: kept, with its parent
+    kept.release(discard=True)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["other"]

@@ -7,7 +7,7 @@ clean-up is needed, and the holder's PID in the file is only there to name it in
 import fcntl
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 __all__ = ["RunFolderBusy", "RunLock"]
 
@@ -23,11 +23,13 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / ".lock"
         self._fd: Optional[int] = None
-        self.created = False  # whether acquire() made the folder (release(discard=True) then removes it)
+        # the folders acquire() made, deepest first (release(discard=True) removes them): the run folder and any
+        # missing parents, so a refused "--output new/nested/run" leaves no "new/" behind
+        self.created: List[Path] = []
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunFolderBusy` naming the process that holds it."""
-        self.created = not self.directory.exists()
+        self.created = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -46,12 +48,16 @@ class RunLock:
     def release(self, discard: bool = False) -> None:
         """Free the lock (the file stays; an unlocked file means a free folder). ``discard``: a run refused before
         it wrote anything leaves nothing behind, so a folder :meth:`acquire` created and that holds only the lock
-        file is removed (the file first, while still locked)."""
+        file is removed (the file first, while still locked), with the parents it created."""
         if self._fd is None:
             return
         if discard and self.created and [p.name for p in self.directory.iterdir()] == [self.path.name]:
             self.path.unlink()
-            self.directory.rmdir()
+            for folder in self.created:  # each is empty once the one below it is gone
+                try:
+                    folder.rmdir()
+                except OSError:  # something else was put there meanwhile: it stays, and so do its parents
+                    break
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
