@@ -129,8 +129,9 @@ def test_the_trainer_trains_and_resumes_contiguous_where_channels_last_would_cra
     monkeypatch.setattr(precision_module, "onednn_avx2_reason", lambda cpuinfo, environ: None)
     trainer = Trainer(load_config(None, parse_overrides(args)))  # a machine without the crash: as asked
     assert trainer.channels_last and next(trainer.model.parameters()).is_contiguous(memory_format=torch.channels_last)
-    trainer.out_dir.mkdir(parents=True)
+    trainer.out_dir.mkdir(parents=True, exist_ok=True)  # the trainer may have made it (config.json at start)
     trainer.save()
+    trainer.lock.release()  # the next trainer of this folder takes it (each holds the run folder's lock)
     monkeypatch.setattr(precision_module, "onednn_avx2_reason", lambda cpuinfo, environ: "test AVX2")
     for extra in ([], ["--resume"]):  # a new run, and the channels_last run resumed here
         capsys.readouterr()
@@ -140,6 +141,7 @@ def test_the_trainer_trains_and_resumes_contiguous_where_channels_last_would_cra
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("precision:"))
         assert "channels_last skipped" in line and "test AVX2" in line and "stages.1.0.shortcut.conv" in line
         assert trainer.choice.as_dict()["reason"] == line.removeprefix("precision: ")
+        trainer.lock.release()
 
 
 REPRODUCER = """
