@@ -56,7 +56,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images, labels = load_fashion_mnist("test")
-    images = images[: args.count].float().div(255).reshape(-1, 1, 28, 28)
+    images, labels = images[: args.count].float().div(255).reshape(-1, 1, 28, 28), labels[: args.count]
     batches = [(images[i:i + args.batch_size], labels[i:i + args.batch_size])
                for i in range(0, len(images), args.batch_size)]
     model = timm.create_model("lcnn_lipcnn", pretrained=True).eval()

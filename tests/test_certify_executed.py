@@ -262,3 +262,9 @@ def test_gamma_bn_cap_agrees_between_float32_weights_and_the_float64_function():
     scale = (bn(x + 1) - bn(x)).amax()
     assert scale <= bound64 * (1 + 1e-12)
     assert F.relu(bound64 - scale) / bound64 < 1e-12  # and attains it: the cap is the one the forward applies
+
+
+def test_certified_radii_refuse_labels_that_do_not_match_the_images():
+    net = small_net()
+    with pytest.raises(ValueError, match="one label per image"):
+        certified_radii(net, torch.rand(3, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1]), certify(net))

@@ -105,6 +105,8 @@ def certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     check_eval_mode(model)
     check_float64(model, images)
     check_no_hooks(model)  # a hook would change the margins or the gradients read below
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"one label per image expected: {len(images)} images, labels of shape {tuple(labels.shape)}")
     with parametrize.cached():  # the normalised weights once per call, not once per forward
         return _certified_radii(model, images, labels, certificate)
 
