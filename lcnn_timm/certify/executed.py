@@ -19,7 +19,7 @@ Both raise :class:`~.structure.UnsupportedStructureError` naming the module and 
 """
 import copy
 import inspect
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from ..layers.softplus_maxmin import SoftplusMaxMin
 from ..layers.spectral_norm import _check_input, _norm_and_input, is_spectral_normalized, operator_for
 from .structure import Rules, UnsupportedStructureError, compose
 
-__all__ = ["DIFFERENTIAL_TOLERANCE", "EXACT_LEAVES", "audit_execution", "check_no_hooks", "differential_check"]
+__all__ = ["DIFFERENTIAL_TOLERANCE", "EXACT_LEAVES", "audit_execution", "check_no_hooks", "differential_check",
+           "non_float64_dtypes"]
 
 # the leaf classes whose rule certify applies, matched exactly: a subclass can change what runs without a new forward
 # (a method forward calls, a property the rule reads), so it is refused rather than trusted
@@ -188,11 +189,14 @@ def _probe_inputs(input_shape: Tuple[int, ...], device: torch.device) -> torch.T
     return torch.cat([uniform, noise * scales]).to(device)
 
 
+def non_float64_dtypes(model: nn.Module, *tensors: torch.Tensor) -> List[str]:
+    """The floating dtypes other than float64 among ``model``'s parameters and buffers and ``tensors``, sorted."""
+    return sorted({str(t.dtype) for t in [*tensors, *model.parameters(), *model.buffers()]
+                   if t.is_floating_point() and t.dtype != torch.float64})
+
+
 def _float64_model(model: nn.Module) -> nn.Module:
-    floating = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    if all(t.dtype == torch.float64 for t in floating):
-        return model
-    return copy.deepcopy(model).double()
+    return copy.deepcopy(model).double() if non_float64_dtypes(model) else model
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bounds import Certificate, check_eval_mode
-from .executed import check_no_hooks
+from .executed import check_no_hooks, non_float64_dtypes
 from .operator_norm import ROUNDING_MARGIN
 
 __all__ = ["certified_radii", "check_float64", "curvature_radius", "gradient_path_radius"]
@@ -35,8 +35,7 @@ _GRADIENT_SLACK = 1.0 + 4 * ROUNDING_MARGIN
 
 def check_float64(model: nn.Module, images: torch.Tensor) -> None:
     """Refuse anything but float64 parameters, buffers and images (a ``ValueError`` saying how to convert)."""
-    lower = sorted({str(t.dtype) for t in [images, *model.parameters(), *model.buffers()]
-                    if t.is_floating_point() and t.dtype != torch.float64})
+    lower = non_float64_dtypes(model, images)
     if lower:
         raise ValueError(f"certified radii are computed in float64 only, got {', '.join(lower)}: pass "
                          "model.double() and images.double() (float32 margins and gradients carry rounding, e.g. at "
@@ -117,7 +116,7 @@ def _certified_radii(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     with torch.enable_grad():
         graph = model(x)  # kept for the first round of gradients, which concerns nearly every example
     logits = graph.detach()
-    count, classes = logits.shape
+    count = len(logits)
     rows = torch.arange(count, device=logits.device)
     labels = labels.to(logits.device)
     # the computed margins and gradient norms carry the forward's and backward's rounding: lower the margins and
